@@ -1,0 +1,307 @@
+"""SaisaForConditionalGeneration: vision tower -> projector -> a Llama-family LLM, as saisa, naavit or llava.
+
+Unusual here: one token stream per architecture, driven layer by layer over the HF backbone's own modules.
+- saisa: queries are text only; layer i's visual keys/values come from V_i = MLP_i(Z) (all layers computed up front,
+  before any text), through layer i's input norm, k_proj/v_proj and RoPE; visual tokens never reach an FFN.
+- naavit: queries are text only; visual hidden states start as one embedding-space projection, are never updated by
+  attention, but pass through every layer's FFN (paper Table 1 pilot).
+- llava: visual and text tokens are all queries (plain LLaVA-1.5).
+`input_ids` hold ONE `image_token_id` per image; `logits` has one row per `input_ids` position and rows at
+placeholders carry no meaning (never in the loss). See naavit.py for how positions and the mask are built.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from saisa.config import SaisaConfig
+
+from .cache import SaisaCache
+from .decoder import attention_block, check_decoder, feed_forward, query_key_value
+from .naavit import SequenceLayout, build_layout, naavit_mask
+from .projector import LayerProjectors, MultiModalProjector, StackedLinear
+from .visual_kv import FoldedKV, _place, fold_kv_weights, saisa_visual_kv
+from .vision import build_vision_tower, num_visual_tokens, select_image_features, vision_feature_dim
+
+IGNORE_INDEX = -100
+
+
+class SaisaPreTrainedModel(PreTrainedModel):
+    config_class = SaisaConfig
+    base_model_prefix = "saisa"
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _skip_keys_device_placement = ["past_key_values"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, StackedLinear):
+            std = getattr(self.config.text_config, "initializer_range", 0.02)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        else:
+            super()._init_weights(module)
+
+
+class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
+    def __init__(self, config: SaisaConfig) -> None:
+        super().__init__(config)
+        config.validate_saisa()
+        text = config.text_config
+        self.vision_tower = build_vision_tower(config.vision_config)  # frozen by default in both training stages
+        self.language_model = AutoModelForCausalLM.from_config(text)
+        check_decoder(self.language_model)
+        d, h = vision_feature_dim(config.vision_config, config.vision_feature_layer), text.hidden_size
+        if config.architecture == "saisa":
+            self.multi_modal_projector = LayerProjectors(
+                config.num_projector_layers, text.num_hidden_layers, d, h, config.projector_type,
+                config.projector_hidden_act,
+            )
+        else:
+            self.multi_modal_projector = MultiModalProjector(d, h, config.projector_type, config.projector_hidden_act)
+        self.num_visual_tokens = num_visual_tokens(
+            config.vision_config, config.vision_feature_select_strategy, config.vision_feature_layer
+        )
+        self.gradient_checkpointing = False
+        # Inference-only speed-ups of the saisa visual path (visual_kv.py); none changes the function computed.
+        self._folded_kv: FoldedKV | None = None
+        self._visual_stream: torch.cuda.Stream | None = None
+        self.visual_kv_chunk: int | None = None  # layers per batched chunk; None = all layers at once
+        self.post_init()
+
+    # ------------------------------------------------------------------ HF plumbing
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None) -> None:
+        self.gradient_checkpointing = enable
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None) -> None:
+        self.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.gradient_checkpointing = False
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.language_model.model.layers
+
+    def optimize_for_inference(self, fold: bool = True, chunk: int | None = None, overlap: bool = True) -> None:
+        """Stack every layer's visual K/V projection with its input norm folded in (costs 2·n·h·k weights of memory),
+        compute the visual path `chunk` layers at a time, and on CUDA overlap it with the text layers."""
+        if self.config.architecture != "saisa":
+            return
+        self._folded_kv = fold_kv_weights(self.layers) if fold else None
+        self.visual_kv_chunk = chunk
+        device = self.get_input_embeddings().weight.device
+        self._visual_stream = torch.cuda.Stream(device) if overlap and device.type == "cuda" else None
+
+    def train(self, mode: bool = True):
+        if mode:  # folded weights would go stale as soon as the weights move
+            self._folded_kv, self._visual_stream = None, None
+        return super().train(mode)
+
+    # ------------------------------------------------------------------ images
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Vision features Z (num_images, v, d) from pixel_values (num_images, C, H, W)."""
+        vc = self.config.vision_config
+        channels = getattr(vc, "num_channels", 3)
+        size = getattr(vc, "image_size", None)
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != channels or (
+            size is not None and tuple(pixel_values.shape[2:]) != (size, size)
+        ):
+            raise ValueError(
+                f"pixel_values has shape {tuple(pixel_values.shape)}; expected (num_images, {channels}, {size}, "
+                f"{size}) for this vision tower: preprocess images with the model's image processor"
+            )
+        tower_dtype = next(self.vision_tower.parameters()).dtype
+        return select_image_features(
+            self.vision_tower, pixel_values.to(tower_dtype), self.config.vision_feature_layer,
+            self.config.vision_feature_select_strategy,
+        )
+
+    def project_images(self, features: torch.Tensor) -> torch.Tensor:
+        """V = P(Z): (n_layers, N, v, h) for saisa (a broadcast view when shared), (N, v, h) for llava/naavit."""
+        dtype = self.get_input_embeddings().weight.dtype
+        return self.multi_modal_projector(features.to(dtype))
+
+    def expand_shared_projector(self) -> None:
+        """Stage 1 -> stage 2: replicate the shared MLP into one MLP per layer (outputs unchanged)."""
+        if self.config.architecture != "saisa":
+            raise ValueError(f"expand_shared_projector applies to architecture='saisa', not {self.config.architecture!r}")
+        self.multi_modal_projector.expand()
+        self.config.projector_sharing = "per_layer"
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+        past_key_values: SaisaCache | None = None,
+        use_cache: bool = False,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """input_ids (B, L) with one image_token_id per image; pixel_values (N, C, H, W) or precomputed
+        image_features Z (N, v, d); attention_mask (B, L) (or (B, past + L) with a cache); labels (B, L)."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
+        batch, length = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        attention_mask = attention_mask[:, -length:]
+        if image_features is None and pixel_values is not None:
+            image_features = self.encode_images(pixel_values)
+        num_images = 0 if image_features is None else image_features.shape[0]
+        if use_cache and past_key_values is None:
+            past_key_values = SaisaCache(len(self.layers))
+        v = self.num_visual_tokens if image_features is None else image_features.shape[1]
+        layout = self.layout(input_ids, attention_mask, num_images, v, past_key_values)
+        logits = self.forward_with_layout(input_ids, layout, image_features, past_key_values, logits_to_keep)
+        loss = None
+        if labels is not None:
+            loss = self.loss(logits, labels, layout, attention_mask)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+
+    def layout(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        num_images: int,
+        v: int | None = None,
+        cache: SaisaCache | None = None,
+    ) -> SequenceLayout:
+        """Positions of every token and image (naavit.py), checked against the number of images given.
+
+        Built where input_ids live (CPU ids let a meta-device model be FLOP-counted, and keep host syncs out of a
+        CUDA graph), then moved to the model's device.
+        """
+        start = cache.next_pos.to(input_ids.device) if cache is not None and cache.next_pos is not None else None
+        v = self.num_visual_tokens if v is None else v
+        layout = build_layout(input_ids, attention_mask, self.config.image_token_id, v, num_images, start)
+        device = self.get_input_embeddings().weight.device
+        return layout if layout.text_pos.device == device else layout.to(device)
+
+    def forward_with_layout(
+        self,
+        input_ids: torch.Tensor,
+        layout: SequenceLayout,
+        image_features: torch.Tensor | None = None,
+        cache: SaisaCache | None = None,
+        logits_to_keep: int = 0,
+    ) -> torch.Tensor:
+        """Logits (B, L or logits_to_keep, vocab) for a precomputed layout: no host synchronisation inside."""
+        lm = self.language_model.model
+        input_ids = input_ids.to(layout.text_pos.device)
+        text_h = lm.embed_tokens(input_ids.masked_fill(layout.is_placeholder, 0))  # (B, L, h)
+        if image_features is not None and image_features.shape[0] == 0:
+            image_features = None
+        if image_features is not None:
+            image_features = image_features.to(text_h.dtype)
+        hidden = self._decode(text_h, image_features, layout, cache)  # (B, L, h)
+        hidden = lm.norm(hidden if not logits_to_keep else hidden[:, -logits_to_keep:])
+        return self.language_model.lm_head(hidden)
+
+    def _decode(
+        self, text_h: torch.Tensor, features: torch.Tensor | None, layout: SequenceLayout, cache: SaisaCache | None
+    ) -> torch.Tensor:
+        arch = self.config.architecture
+        lm = self.language_model.model
+        past = cache.get_seq_length() if cache is not None else 0
+        text_pos = layout.text_pos
+        if features is not None:
+            vis_pos, vis_valid = layout.visual_positions(features.shape[1])
+        else:
+            vis_pos, vis_valid = text_pos[:, :0], layout.text_is_key[:, :0]
+        n_vis = vis_pos.shape[1]
+        new_key_pos = torch.cat([vis_pos, text_pos], dim=1)
+        new_key_valid = torch.cat([vis_valid, layout.text_is_key], dim=1)
+        if cache is not None:
+            key_pos = new_key_pos if past == 0 else torch.cat([cache.key_pos, new_key_pos], dim=1)
+            key_valid = new_key_valid if past == 0 else torch.cat([cache.key_valid, new_key_valid], dim=1)
+            cache.append_positions(new_key_pos, new_key_valid, layout.next_pos)
+        else:
+            key_pos, key_valid = new_key_pos, new_key_valid
+
+        llava = arch == "llava"
+        if llava:  # one stream [visual; text]: every token is a query, as in LLaVA's spliced sequence
+            query_pos = new_key_pos
+            self_index = past + torch.arange(n_vis + text_pos.shape[1], device=text_pos.device)
+        else:
+            query_pos = text_pos
+            self_index = past + n_vis + torch.arange(text_pos.shape[1], device=text_pos.device)
+        mask = naavit_mask(query_pos, key_pos, key_valid, self_index)
+        cos, sin = lm.rotary_emb(text_h, text_pos)
+        vis_cos = vis_sin = None
+        if features is not None:
+            vis_cos, vis_sin = lm.rotary_emb(text_h, vis_pos)
+
+        vis_h = None
+        vis_kv: list | None = None
+        events: list = []
+        if features is not None and arch == "saisa":
+            # Visual work does not depend on text: every layer's visual K/V is computed up front (paper Eq. 6-7).
+            stream = self._visual_stream if text_h.is_cuda and not torch.is_grad_enabled() else None
+            folded = self._folded_kv if not self.training else None
+            vis_kv, events = saisa_visual_kv(
+                self.layers, self.multi_modal_projector, features, layout, vis_cos, vis_sin,
+                folded=folded, chunk=self.visual_kv_chunk, stream=stream,
+            )
+        elif features is not None:
+            vis_h = _place(self.project_images(features).unsqueeze(0), layout)[0]  # (B, Sv, h)
+            if llava:
+                text_h = torch.cat([vis_h, text_h], dim=1)
+                cos, sin = torch.cat([vis_cos, cos], dim=1), torch.cat([vis_sin, sin], dim=1)
+                vis_h = None
+
+        hidden = text_h
+        for i, layer in enumerate(self.layers):
+            if events and events[i] is not None:
+                torch.cuda.current_stream().wait_event(events[i])
+            step = (layer, hidden, vis_h, vis_kv[i] if vis_kv else None, cos, sin, vis_cos, vis_sin, mask, cache, i)
+            if self.gradient_checkpointing and self.training:
+                hidden, vis_h = checkpoint(self._layer, *step, use_reentrant=False)
+            else:
+                hidden, vis_h = self._layer(*step)
+        return hidden[:, n_vis:] if llava else hidden
+
+    def _layer(self, layer, hidden, vis_h, vis_kv, cos, sin, vis_cos, vis_sin, mask, cache, index):
+        """One decoder layer. hidden: the query stream (text, or [visual; text] for llava)."""
+        query, key, value = query_key_value(layer, layer.input_layernorm(hidden), cos, sin)
+        if vis_kv is not None:  # saisa: precomputed from V_i
+            key, value = torch.cat([vis_kv[0], key], dim=2), torch.cat([vis_kv[1], value], dim=2)
+        elif vis_h is not None:  # naavit: visual tokens are keys/values only
+            _, vk, vv = query_key_value(layer, layer.input_layernorm(vis_h), vis_cos, vis_sin, with_query=False)
+            key, value = torch.cat([vk, key], dim=2), torch.cat([vv, value], dim=2)
+            vis_h = feed_forward(layer, vis_h)  # not updated by attention, but through the FFN
+        if cache is not None:
+            key, value = cache.update(index, key, value)
+        hidden = hidden + attention_block(layer, query, key, value, mask)
+        return feed_forward(layer, hidden), vis_h
+
+    @staticmethod
+    def loss(logits: torch.Tensor, labels: torch.Tensor, layout: SequenceLayout, attention_mask: torch.Tensor):
+        """Shifted cross-entropy over text positions; rows at placeholders and padding never predict."""
+        if labels.shape != attention_mask.shape:
+            raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(attention_mask.shape)}")
+        keep = layout.text_is_key[:, :-1] & layout.text_is_key[:, 1:]  # text predicts text; placeholders never count
+        target = labels[:, 1:].masked_fill(~keep, IGNORE_INDEX)
+        return F.cross_entropy(
+            logits[:, :-1].float().flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX
+        )

@@ -1,0 +1,371 @@
+"""Core model tests: saisa/naavit against a naive reference of the paper's definition, llava against HF LLaVA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import (
+    IMAGE_TOKEN_ID,
+    random_ids,
+    random_pixels,
+    tiny_config,
+    tiny_model,
+    tiny_text_config,
+    tiny_vision_config,
+)
+from torch.testing import assert_close
+from transformers import AutoModelForImageTextToText
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from saisa import SaisaConfig, SaisaForConditionalGeneration
+
+
+# ----------------------------------------------------------------------------- naive reference
+def _mlp(x: torch.Tensor, proj, index: int) -> torch.Tensor:
+    """One projector MLP written out: phi(Z W1^T + b1) W2^T + b2, for slice `index` of a stacked projector."""
+    def lin(module, inp):
+        w = module.weight if module.weight.dim() == 2 else module.weight[index]
+        b = module.bias if module.bias.dim() == 1 else module.bias[index]
+        return inp @ w.T + b
+
+    x = lin(proj.linear_1, x)
+    if proj.projector_type == "mlp2x_gelu":
+        x = lin(proj.linear_2, torch.nn.functional.gelu(x))
+    return x
+
+
+def naive_logits(model: SaisaForConditionalGeneration, ids: torch.Tensor, pixels: torch.Tensor | None):
+    """Build the full sequence in positional order (each placeholder -> v visual tokens) and apply the definition:
+    causal attention over the whole sequence, with only text rows updated (saisa/naavit) or all rows (llava);
+    saisa sets the visual rows of layer i's input to MLP_i(Z); naavit sends visual rows through every FFN."""
+    arch = model.config.architecture
+    lm = model.language_model.model
+    layers = lm.layers
+    feats = model.encode_images(pixels) if pixels is not None else None
+    v = feats.shape[1] if feats is not None else 0
+    rows, is_text, img = [], [], 0
+    for tok in ids.tolist():
+        if tok == IMAGE_TOKEN_ID:
+            rows += [("vis", img, r) for r in range(v)]
+            is_text += [False] * v
+            img += 1
+        else:
+            rows.append(("text", tok, 0))
+            is_text.append(True)
+    is_text = torch.tensor(is_text)
+    P = len(rows)
+    x = torch.zeros(P, lm.config.hidden_size)
+    proj = model.multi_modal_projector
+    n_mlps = proj.num_mlps if arch == "saisa" else 1
+
+    def visual_rows(layer_idx: int) -> torch.Tensor:
+        mlp_idx = layer_idx if n_mlps > 1 else 0
+        return torch.stack([_mlp(feats[i, r], proj, mlp_idx) for kind, i, r in rows if kind == "vis"])
+
+    for p, (kind, tok, _) in enumerate(rows):
+        if kind == "text":
+            x[p] = lm.embed_tokens.weight[tok]
+    if v and arch != "saisa":
+        x[~is_text] = visual_rows(0)
+    pos = torch.arange(P)[None]
+    cos, sin = lm.rotary_emb(x[None], pos)
+    causal = torch.tril(torch.ones(P, P, dtype=torch.bool))
+    for i, layer in enumerate(layers):
+        attn = layer.self_attn
+        if v and arch == "saisa":
+            x[~is_text] = visual_rows(i)
+        h = layer.input_layernorm(x)[None]
+        q = attn.q_proj(h).view(1, P, -1, attn.head_dim)
+        k = attn.k_proj(h).view(1, P, -1, attn.head_dim)
+        if getattr(attn, "q_norm", None) is not None:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        val = attn.v_proj(h).view(1, P, -1, attn.head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        rep = q.shape[1] // k.shape[1]
+        k, val = k.repeat_interleave(rep, 1), val.repeat_interleave(rep, 1)
+        scores = (q @ k.transpose(-1, -2)) * attn.head_dim**-0.5
+        scores = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+        out = attn.o_proj((scores @ val).transpose(1, 2).reshape(1, P, -1))[0]
+        upd = torch.ones(P, dtype=torch.bool) if arch == "llava" else is_text
+        x = x.clone()
+        x[upd] = x[upd] + out[upd]
+        ffn_rows = upd if arch != "naavit" else torch.ones(P, dtype=torch.bool)
+        x[ffn_rows] = x[ffn_rows] + layer.mlp(layer.post_attention_layernorm(x[ffn_rows]))
+    return model.language_model.lm_head(lm.norm(x[is_text]))
+
+
+def text_rows(ids: torch.Tensor) -> torch.Tensor:
+    return ids != IMAGE_TOKEN_ID
+
+
+def with_images(seed: int, length: int, image_at: list[int]) -> torch.Tensor:
+    ids = random_ids(length, seed)
+    for p in image_at:
+        ids[p] = IMAGE_TOKEN_ID
+    return ids
+
+
+BACKBONES = [
+    ("llama", 2),  # GQA
+    ("llama", 4),  # MHA
+    ("mistral", 2),
+    ("qwen2", 2),  # q/k/v biases
+    ("qwen3", 2),  # q/k norms
+]
+
+
+@pytest.mark.parametrize("arch", ["saisa", "naavit", "llava"])
+@pytest.mark.parametrize("backbone,kv", BACKBONES)
+def test_matches_naive_reference(arch, backbone, kv):
+    model = tiny_model(arch, text=tiny_text_config(backbone, num_kv_heads=kv))
+    ids = with_images(seed=3, length=12, image_at=[2, 7])  # text before, between and after two images
+    pixels = random_pixels(2)
+    with torch.no_grad():
+        ours = model(input_ids=ids[None], pixel_values=pixels).logits[0]
+        ref = naive_logits(model, ids, pixels)
+    assert_close(ours[text_rows(ids)], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_saisa_per_layer_projectors_are_used():
+    model = tiny_model("saisa")
+    assert model.multi_modal_projector.num_mlps == model.config.text_config.num_hidden_layers
+    ids = with_images(seed=4, length=8, image_at=[1])
+    pixels = random_pixels(1)
+    with torch.no_grad():
+        before = model(input_ids=ids[None], pixel_values=pixels).logits
+        model.multi_modal_projector.linear_2.weight[1].mul_(2.0)  # only layer 1's MLP
+        after = model(input_ids=ids[None], pixel_values=pixels).logits
+        ref = naive_logits(model, ids, pixels)
+    assert not torch.allclose(before, after)
+    assert_close(after[0][text_rows(ids)], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_llava_matches_transformers_llava():
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    from saisa.convert import from_hf_llava
+
+    torch.manual_seed(0)
+    hf_cfg = LlavaConfig(
+        vision_config=tiny_vision_config(),
+        text_config=tiny_text_config(),
+        image_token_index=IMAGE_TOKEN_ID,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    hf = LlavaForConditionalGeneration(hf_cfg).eval()
+    ours = from_hf_llava(hf)
+    v = ours.num_visual_tokens
+    ids = with_images(seed=5, length=10, image_at=[1, 6])
+    pixels = random_pixels(2)
+    expanded = torch.cat([torch.full((v,), IMAGE_TOKEN_ID) if t == IMAGE_TOKEN_ID else t[None] for t in ids])
+    with torch.no_grad():
+        ref = hf(input_ids=expanded[None], pixel_values=pixels).logits[0]
+        got = ours(input_ids=ids[None], pixel_values=pixels).logits[0]
+    assert_close(got[text_rows(ids)], ref[expanded != IMAGE_TOKEN_ID], atol=1e-4, rtol=1e-4)
+
+
+def test_no_image_equals_bare_llm(arch):
+    model = tiny_model(arch)
+    ids = random_ids(9, seed=6)[None]
+    with torch.no_grad():
+        ours = model(input_ids=ids).logits
+        bare = model.language_model(input_ids=ids).logits
+    assert_close(ours, bare, atol=1e-5, rtol=1e-5)
+
+
+def test_text_before_image_is_unaffected_by_the_image(arch):
+    model = tiny_model(arch)
+    ids = with_images(seed=7, length=10, image_at=[5])[None]
+    with torch.no_grad():
+        a = model(input_ids=ids, pixel_values=random_pixels(1, seed=1)).logits[0]
+        b = model(input_ids=ids, pixel_values=random_pixels(1, seed=2)).logits[0]
+    assert_close(a[:5], b[:5], atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(a[6:], b[6:], atol=1e-4)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_equals_each_sample_alone(arch, side):
+    model = tiny_model(arch)
+    samples = [
+        (with_images(seed=8, length=11, image_at=[2, 8]), random_pixels(2, seed=3)),
+        (random_ids(6, seed=9), None),
+        (with_images(seed=10, length=7, image_at=[0]), random_pixels(1, seed=4)),
+    ]
+    width = max(len(s) for s, _ in samples)
+    ids = torch.zeros(len(samples), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, (s, _) in enumerate(samples):
+        sl = slice(width - len(s), width) if side == "left" else slice(0, len(s))
+        ids[b, sl], mask[b, sl] = s, 1
+    pixels = torch.cat([p for _, p in samples if p is not None])
+    with torch.no_grad():
+        batched = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+        for b, (s, p) in enumerate(samples):
+            alone = model(input_ids=s[None], pixel_values=p).logits[0]
+            sl = slice(width - len(s), width) if side == "left" else slice(0, len(s))
+            rows = text_rows(s)
+            assert_close(batched[b, sl][rows], alone[rows], atol=1e-5, rtol=1e-5)
+
+
+def test_loss_is_shifted_cross_entropy_over_text():
+    model = tiny_model("saisa")
+    ids = with_images(seed=11, length=10, image_at=[3])[None]
+    labels = ids.clone()
+    labels[0, :2] = -100
+    out = model(input_ids=ids, pixel_values=random_pixels(1), labels=labels)
+    logits = out.logits[0]
+    # Targets predicted from a placeholder row (position 3 -> 4) are excluded; so are -100 labels.
+    pairs = [(t - 1, labels[0, t]) for t in range(1, 10) if labels[0, t] != -100 and ids[0, t - 1] != IMAGE_TOKEN_ID
+             and ids[0, t] != IMAGE_TOKEN_ID]
+    expected = torch.stack([torch.nn.functional.cross_entropy(logits[r], y) for r, y in pairs]).mean()
+    assert_close(out.loss, expected)
+
+
+def test_gradients_reach_exactly_the_trainable_parameters(arch):
+    model = tiny_model(arch).train()
+    model.language_model.requires_grad_(False)
+    model.language_model.model.layers[1].mlp.requires_grad_(True)
+    ids = with_images(seed=12, length=9, image_at=[2])[None]
+    model(input_ids=ids, pixel_values=random_pixels(1), labels=ids).loss.backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None, name
+    assert not any(p.requires_grad for p in model.vision_tower.parameters()), "vision tower must be frozen"
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    ids = with_images(seed=13, length=9, image_at=[2])[None]
+    grads = []
+    for ckpt in (False, True):
+        model = tiny_model("saisa").train()
+        if ckpt:
+            model.gradient_checkpointing_enable()
+        model(input_ids=ids, pixel_values=random_pixels(1), labels=ids).loss.backward()
+        grads.append(model.multi_modal_projector.linear_1.weight.grad.clone())
+    assert_close(grads[0], grads[1])
+
+
+def test_save_load_round_trip(arch, tmp_path):
+    model = tiny_model(arch, projector_sharing="shared") if arch == "saisa" else tiny_model(arch)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, SaisaForConditionalGeneration)
+    assert loaded.config.architecture == arch
+    ids = with_images(seed=14, length=8, image_at=[1])[None]
+    with torch.no_grad():
+        assert_close(
+            loaded(input_ids=ids, pixel_values=random_pixels(1)).logits,
+            model(input_ids=ids, pixel_values=random_pixels(1)).logits,
+        )
+
+
+def test_tied_embeddings_round_trip(tmp_path):
+    model = tiny_model("saisa", text=tiny_text_config(tie_word_embeddings=True))
+    assert model.language_model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    model.save_pretrained(tmp_path)
+    loaded = SaisaForConditionalGeneration.from_pretrained(tmp_path)
+    assert loaded.language_model.lm_head.weight.data_ptr() == loaded.get_input_embeddings().weight.data_ptr()
+    assert_close(loaded.get_input_embeddings().weight, model.get_input_embeddings().weight)
+
+
+def test_expand_shared_projector_keeps_outputs(tmp_path):
+    model = tiny_model("saisa", projector_sharing="shared")
+    assert model.multi_modal_projector.num_mlps == 1
+    ids = with_images(seed=15, length=9, image_at=[4])[None]
+    pixels = random_pixels(1)
+    with torch.no_grad():
+        before = model(input_ids=ids, pixel_values=pixels).logits
+        model.expand_shared_projector()
+        after = model(input_ids=ids, pixel_values=pixels).logits
+    assert model.multi_modal_projector.num_mlps == 2 and model.config.projector_sharing == "per_layer"
+    assert_close(before, after, atol=0, rtol=0)
+    model.save_pretrained(tmp_path)
+    assert SaisaForConditionalGeneration.from_pretrained(tmp_path).multi_modal_projector.num_mlps == 2
+
+
+def test_encode_and_project_shapes(arch):
+    model = tiny_model(arch)
+    z = model.encode_images(random_pixels(3))
+    assert z.shape == (3, model.num_visual_tokens, 24)
+    v = model.project_images(z)
+    n = model.config.text_config.num_hidden_layers
+    assert v.shape == ((n, 3, model.num_visual_tokens, 32) if arch == "saisa" else (3, model.num_visual_tokens, 32))
+
+
+def test_placeholder_count_mismatch_is_a_clear_error():
+    model = tiny_model("saisa")
+    ids = with_images(seed=16, length=8, image_at=[1, 4])[None]
+    with pytest.raises(ValueError, match="2 image placeholder.*1 image"):
+        model(input_ids=ids, pixel_values=random_pixels(1))
+    with pytest.raises(ValueError, match="0 image"):
+        model(input_ids=ids)
+
+
+def test_wrong_image_shape_is_a_clear_error():
+    model = tiny_model("saisa")
+    ids = with_images(seed=17, length=8, image_at=[1])[None]
+    with pytest.raises(ValueError, match="pixel_values has shape"):
+        model(input_ids=ids, pixel_values=torch.randn(1, 3, 48, 48))
+    with pytest.raises(ValueError, match="pixel_values has shape"):
+        model(input_ids=ids, pixel_values=torch.randn(3, 32, 32))
+
+
+def test_unsupported_backbone_is_a_clear_error():
+    with pytest.raises(ValueError, match="unsupported LLM backbone.*gpt2"):
+        tiny_config(text={"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 4})
+    with pytest.raises(ValueError, match="architecture"):
+        tiny_config("flamingo")
+    with pytest.raises(ValueError, match="sliding"):
+        SaisaForConditionalGeneration(
+            tiny_config(text=tiny_text_config("qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=0))
+        )
+
+
+def test_visual_path_never_runs_visual_ffn_or_visual_queries():
+    """saisa: FFNs and q_proj see text rows only; k/v projections see text + v visual rows per image."""
+    model = tiny_model("saisa")
+    ids = with_images(seed=18, length=10, image_at=[3])[None]
+    seen = {}
+
+    def hook(name):
+        def fn(module, inputs, output):
+            seen.setdefault(name, []).append(inputs[0].shape[-2])
+        return fn
+
+    layer = model.language_model.model.layers[0]
+    handles = [layer.mlp.register_forward_hook(hook("mlp")), layer.self_attn.q_proj.register_forward_hook(hook("q")),
+               layer.self_attn.k_proj.register_forward_hook(hook("k"))]
+    with torch.no_grad():
+        model(input_ids=ids, pixel_values=random_pixels(1))
+    for h in handles:
+        h.remove()
+    assert seen["mlp"] == [10] and seen["q"] == [10]
+    assert sorted(seen["k"]) == sorted([10, model.num_visual_tokens])
+
+
+@pytest.mark.parametrize("fold,chunk", [(True, None), (True, 1), (False, 1), (True, 3)])
+def test_inference_fast_path_computes_the_same_function(fold, chunk):
+    model = tiny_model("saisa", text=tiny_text_config(num_hidden_layers=4))
+    ids = with_images(seed=19, length=12, image_at=[2, 7])[None]
+    pixels = random_pixels(2)
+    with torch.no_grad():
+        ref = model(input_ids=ids, pixel_values=pixels).logits
+        model.optimize_for_inference(fold=fold, chunk=chunk)
+        fast = model(input_ids=ids, pixel_values=pixels).logits
+    assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+    model.train()
+    assert model._folded_kv is None, "training must drop folded (stale-able) weights"
+
+
+def test_shared_projector_chunks_match():
+    model = tiny_model("saisa", projector_sharing="shared", text=tiny_text_config(num_hidden_layers=3))
+    ids = with_images(seed=20, length=9, image_at=[4])[None]
+    with torch.no_grad():
+        ref = model(input_ids=ids, pixel_values=random_pixels(1)).logits
+        model.optimize_for_inference(fold=True, chunk=2)
+        assert_close(model(input_ids=ids, pixel_values=random_pixels(1)).logits, ref, atol=1e-5, rtol=1e-5)
