@@ -1,0 +1,236 @@
+"""Benchmark harness on CPU with tiny shapes: timing, model materialisation, one suite run, report and CLI.
+
+The suite runs once per module (a few seconds) with one repeat per figure; the figures mean nothing on CPU, the
+schema, the statuses and the cross-system logits checks do.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+
+import pytest
+import torch
+
+from saisa.bench import report
+from saisa.bench.suite import PRESETS, Repeats, build_hf_llava, build_ours, materialize, run_suite
+from saisa.bench.timing import PeakMemory, measure_ceilings, time_fn
+
+TINY = replace(PRESETS["tiny"], text_tokens=(8,), throughput_batches=(2,), input_sets=2)
+ONCE = Repeats(warmup=0, repeats=1, throughput_repeats=1, decode_repeats=2, train_warmup=0, train_repeats=1)
+
+
+@pytest.fixture(scope="module")
+def results():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: one thread avoids stalls when the CPU is shared
+    try:
+        yield run_suite(TINY, device="cpu", repeats=ONCE, log=lambda line: None)
+    finally:
+        torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------------------------------- timing
+def test_time_fn_median_and_rotation():
+    seen = []
+
+    def fn(i):
+        seen.append(i)
+        time.sleep(0.004)
+
+    t = time_fn(fn, "cpu", warmup=2, repeats=5)
+    assert seen == list(range(7)), "fn gets the call index, warm-up included, so callers can rotate inputs"
+    assert t.clock == "perf_counter" and t.repeats == 5 and t.warmup == 2
+    assert 3.5 <= t.median_ms < 200, t
+    assert t.min_ms <= t.p10_ms <= t.median_ms <= t.p90_ms
+    with pytest.raises(ValueError):
+        time_fn(fn, "cpu", repeats=0)
+
+
+def test_ceilings_and_floor():
+    c = measure_ceilings("cpu", torch.float32, copy_bytes=2**20, matmul_n=64, warmup=1, repeats=2)
+    assert c.copy_gb_per_s > 0 and c.matmul_tflops > 0
+    fixed = replace(c, copy_gb_per_s=1000.0, matmul_tflops=500.0)
+    assert fixed.floor_ms(5e11, 1e9) == pytest.approx((1.0, "compute"))  # 1 ms of math vs 1 ms... math wins ties
+    assert fixed.floor_ms(1e11, 2e9) == pytest.approx((2.0, "memory"))
+    with PeakMemory("cpu") as mem:
+        pass
+    assert mem.extra_mb is None  # not measured on CPU
+
+
+# ----------------------------------------------------------------------------------------------------- models
+def test_materialize_matches_a_normally_built_model():
+    from transformers import LlavaForConditionalGeneration
+
+    hf = build_hf_llava(TINY, torch.device("cpu"))
+    assert not any(t.is_meta for t in [*hf.parameters(), *hf.buffers()])
+    reference = LlavaForConditionalGeneration(hf.config)  # buffers computed by the constructors themselves
+    ref_buffers = dict(reference.named_buffers())
+    for name, buf in hf.named_buffers():
+        torch.testing.assert_close(buf, ref_buffers[name], msg=name)
+        assert buf.dtype == ref_buffers[name].dtype, name
+    norm = hf.model.language_model.norm.weight
+    assert (norm - 1).abs().max() < 0.15 and not torch.equal(norm, torch.ones_like(norm))
+    w = hf.model.language_model.layers[0].mlp.up_proj.weight
+    assert 0.015 < w.float().std() < 0.025
+
+    ours = build_ours(TINY, "llava", torch.device("cpu"), donor=hf)
+    assert ours.language_model.model.layers[0].mlp.up_proj.weight is w, "weights are borrowed, not copied"
+    assert ours.multi_modal_projector.linear_1.weight.data_ptr() == hf.model.multi_modal_projector.linear_1.weight.data_ptr()
+
+    tied = build_ours(TINY, "saisa", torch.device("cpu"), text_config=TINY.train_text_config)
+    assert tied.language_model.lm_head.weight is tied.get_input_embeddings().weight, "tied weights stay tied"
+
+
+def test_materialize_refuses_unknown_buffers():
+    class Odd(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("table", torch.empty(3))
+
+    with torch.device("meta"):
+        module = Odd()
+    with pytest.raises(RuntimeError, match="table"):
+        materialize(module, torch.device("cpu"))
+
+
+# ----------------------------------------------------------------------------------------------------- suite
+def test_suite_schema_and_statuses(results):
+    for key in ("setting", "environment", "ceilings", "systems", "entries", "checks", "projection", "wall_s"):
+        assert key in results, key
+    env = results["environment"]
+    assert {"device", "torch", "transformers", "dtype"} <= set(env)
+    sections = {e["section"] for e in results["entries"]}
+    assert sections == {"prefill", "ttft", "throughput", "decode", "train"}
+    for e in results["entries"]:
+        assert e["status"] == "ok", e
+        assert e["median_ms"] > 0 and e["floor_ms"] > 0 and e["bound"] in ("compute", "memory")
+    systems = {e["system"] for e in results["entries"] if e["section"] == "prefill"}
+    assert systems == {"saisa", "naavit", "llava", "hf_llava", "saisa_opt"}
+    assert results["systems"]["hf_llava_graphs"]["status"] == "skipped"  # needs CUDA
+    decode = [e for e in results["entries"] if e["section"] == "decode"]
+    assert all(e["context"] == 16 + 8 for e in decode)  # v + t
+    stages = {(e["arch"], e["stage"]) for e in results["entries"] if e["section"] == "train"}
+    assert stages == {("saisa", 1), ("llava", 1), ("saisa", 2), ("llava", 2)}
+    assert results["projection"]["saisa"]["total_gpu_hours"] > 0
+    json.dumps(results)  # serialisable as is
+
+
+def test_systems_over_the_same_weights_compute_the_same_logits(results):
+    for name, ref in (("hf_llava", "llava"), ("saisa_opt", "saisa")):
+        check = results["checks"][name]
+        assert check["reference"] == ref
+        assert check["rel_err"] < 1e-4 and check["pass"], check  # float32, same weights, same inputs
+
+
+def test_decode_step_keeps_the_context():
+    from saisa.bench.suite import HFEager, OursEager, make_inputs
+
+    device = torch.device("cpu")
+    hf = build_hf_llava(TINY, device)
+    ours = build_ours(TINY, "saisa", device, donor=hf)
+    sets = make_inputs(TINY, 1, 8, device)
+    with torch.no_grad():
+        for system in (OursEager("saisa", ours, "saisa"), HFEager("hf_llava", hf, "llava")):
+            system.prepare(1, 8, sets)
+            system.start_decode()
+            before = system.cache.get_seq_length()
+            first = system.decode_step()
+            for _ in range(2):
+                system.decode_step()
+            # The context stays put (ours also keeps a masked key slot for the image placeholder: v + t + 1).
+            assert system.cache.get_seq_length() == before >= 16 + 8
+            system._k = 0
+            assert torch.equal(system.decode_step(), first), "same input, same context: same token"
+            system.release()
+
+
+# ----------------------------------------------------------------------------------------------------- report
+def test_report_table_json_and_markdown(results, tmp_path, capsys):
+    results = {"name": "tiny-cpu", "command": "pytest", **results}
+    path = report.write_results(results, tmp_path / "results" / "tiny-cpu.json")
+    report.print_report(results, path)
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0].startswith("section") and "median ms" in out[0]
+    line = json.loads(out[-1])  # a table, then one JSON line
+    assert line["bench"] == "tiny-cpu" and "saisa" in line["prefill_b1_ms"]
+
+    md = report.render_benchmarks_md(tmp_path / "results", md_dir=tmp_path)
+    assert "## tiny-cpu" in md and "### Targets" in md
+    assert "| system | method | t=8 |" in md
+    assert "ratio saisa / hf_llava" in md and "ratio saisa / llava" in md
+    assert "Projected GPU-hours" in md and "A projection, not a measured run" in md
+    assert "(benchmarks/prefill_latency_tiny-cpu.png)" not in md  # plots sit beside results/, linked relatively
+    assert (tmp_path / "prefill_latency_tiny-cpu.png").stat().st_size > 1000
+    assert "](prefill_latency_tiny-cpu.png)" in md
+
+
+def _fake(system: str, variant: str, source: str, **entry):
+    return system, {"variant": variant, "source": source}, {"system": system, "status": "ok", **entry}
+
+
+def test_targets_pass_and_fail():
+    rows = [
+        _fake("saisa_graphs", "cuda_graph", "saisa", section="prefill", arch="saisa", batch=1, text_tokens=64,
+              median_ms=7.5),
+        _fake("hf_llava_graphs", "cuda_graph", "hf", section="prefill", arch="llava", batch=1, text_tokens=64,
+              median_ms=20.0),
+        _fake("hf_llava", "eager", "hf", section="prefill", arch="llava", batch=1, text_tokens=64, median_ms=10.0),
+        _fake("saisa", "eager", "saisa", section="throughput", arch="saisa", batch=16, text_tokens=64,
+              samples_per_s=100.0),
+        _fake("hf_llava", "eager", "hf", section="throughput", arch="llava", batch=16, text_tokens=64,
+              samples_per_s=40.0),
+        _fake("saisa", "eager", "saisa", section="decode", arch="saisa", batch=1, text_tokens=64, median_ms=10.6),
+        _fake("llava", "eager", "saisa", section="decode", arch="llava", batch=1, text_tokens=64, median_ms=10.0),
+    ]
+    results = {"setting": {"text_tokens": [64], "throughput_batches": [4, 16]},
+               "systems": {name: info for name, info, _ in rows}, "entries": [e for _, _, e in rows]}
+    got = {t["target"]: t for t in report.evaluate_targets(results)}
+    assert got["prefill b1 t=64: saisa ms"]["pass"] is True
+    ratio = got["prefill b1 t=64: saisa / HF LLaVA (graphs)"]
+    assert ratio["value"] == pytest.approx(7.5 / 20.0) and ratio["pass"] is True  # the eager HF is not the baseline
+    assert got["prefill throughput b16: saisa / HF LLaVA"]["value"] == pytest.approx(2.5)
+    assert got["prefill throughput b16: saisa / HF LLaVA"]["pass"] is False
+    assert got["decode ms/token: saisa / our llava"]["pass"] is False
+    assert got["train stage 1: saisa / llava samples/s"]["pass"] is None  # not measured
+
+
+# ----------------------------------------------------------------------------------------------------- cli
+def test_cli_report_writes_markdown(results, tmp_path):
+    from saisa.bench.cli import main
+
+    report.write_results({"name": "x", **results}, tmp_path / "results" / "x.json")
+    md = tmp_path / "BENCHMARKS.md"
+    assert main(["report", "--results-dir", str(tmp_path / "results"), "--md", str(md)]) == 0
+    assert md.read_text().startswith("# Benchmarks")
+
+
+def test_cli_names_match_the_suite():
+    from saisa.bench import cli, suite
+
+    assert cli.SECTIONS == suite.SECTIONS
+    assert cli.SYSTEMS == suite.INFERENCE_SYSTEMS
+    assert set(cli.PRESETS) == set(suite.PRESETS)
+
+
+def test_cli_rejects_unknown_section(tmp_path):
+    from saisa.bench.cli import main
+
+    with pytest.raises(ValueError, match="unknown sections"):
+        main(["--preset", "tiny", "--device", "cpu", "--only", "prefil", "--out", str(tmp_path / "r.json")])
+
+
+# ----------------------------------------------------------------------------------------------------- gpu
+@pytest.mark.gpu
+def test_suite_on_cuda_tiny():
+    """Every system, CUDA graphs included, on tiny shapes: no errors, and graphed logits match eager ones."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    r = run_suite(replace(PRESETS["tiny"], dtype="bfloat16"), device="cuda", quick=True, log=lambda line: None)
+    bad = [e for e in r["entries"] if e["status"] in ("error", "oom")]
+    assert not bad, bad
+    assert r["systems"]["hf_llava_graphs"]["method"].startswith("cuda_graph"), r["systems"]["hf_llava_graphs"]
+    for name, check in r["checks"].items():
+        assert check["pass"], (name, check)
+    assert all("peak_mb" in e for e in r["entries"] if e["status"] == "ok")
