@@ -369,3 +369,18 @@ def test_shared_projector_chunks_match():
         ref = model(input_ids=ids, pixel_values=random_pixels(1)).logits
         model.optimize_for_inference(fold=True, chunk=2)
         assert_close(model(input_ids=ids, pixel_values=random_pixels(1)).logits, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backbone", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("sharing", ["per_layer", "shared"])
+def test_compiled_fused_path_computes_the_same_function(backbone, sharing):
+    """The pure-function path of fused.py (traced by dynamo; inductor is used on GPU) equals the reference."""
+    model = tiny_model("saisa", text=tiny_text_config(backbone, num_hidden_layers=3), projector_sharing=sharing)
+    ids = with_images(seed=21, length=11, image_at=[3, 8])[None]
+    pixels = random_pixels(2)
+    with torch.no_grad():
+        ref = model(input_ids=ids, pixel_values=pixels).logits
+        model.optimize_for_inference(chunk=2, compile=True, compile_backend="eager")
+        assert (model._fused is None) == (backbone == "qwen3"), "Qwen3 (k norms) keeps the reference path"
+        fast = model(input_ids=ids, pixel_values=pixels).logits
+    assert_close(fast, ref, atol=1e-5, rtol=1e-5)

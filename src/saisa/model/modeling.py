@@ -12,6 +12,10 @@ placeholders carry no meaning (never in the loss). See naavit.py for how positio
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,11 +28,21 @@ from saisa.config import SaisaConfig
 from .cache import SaisaCache
 from .decoder import attention_block, check_decoder, feed_forward, query_key_value
 from .naavit import SequenceLayout, build_layout, naavit_mask
+from .fused import TextLayer, supports_fused, text_layer_step, text_layer_tensors, visual_kv_chunk
 from .projector import LayerProjectors, MultiModalProjector, StackedLinear
 from .visual_kv import FoldedKV, _place, fold_kv_weights, saisa_visual_kv
-from .vision import build_vision_tower, num_visual_tokens, select_image_features, vision_feature_dim
 
 IGNORE_INDEX = -100
+
+
+@dataclass
+class FusedPath:
+    """Compiled pure functions of fused.py and each layer's tensors (see optimize_for_inference)."""
+
+    text: Callable
+    visual: Callable
+    layers: list[TextLayer]
+from .vision import build_vision_tower, num_visual_tokens, select_image_features, vision_feature_dim
 
 
 class SaisaPreTrainedModel(PreTrainedModel):
@@ -74,6 +88,7 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         self._folded_kv: FoldedKV | None = None
         self._visual_stream: torch.cuda.Stream | None = None
         self.visual_kv_chunk: int | None = None  # layers per batched chunk; None = all layers at once
+        self._fused: FusedPath | None = None
         self.post_init()
 
     # ------------------------------------------------------------------ HF plumbing
@@ -99,19 +114,40 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
     def layers(self) -> nn.ModuleList:
         return self.language_model.model.layers
 
-    def optimize_for_inference(self, fold: bool = True, chunk: int | None = None, overlap: bool = True) -> None:
-        """Stack every layer's visual K/V projection with its input norm folded in (costs 2·n·h·k weights of memory),
-        compute the visual path `chunk` layers at a time, and on CUDA overlap it with the text layers."""
+    def optimize_for_inference(
+        self,
+        fold: bool = True,
+        chunk: int | None = None,
+        overlap: bool = True,
+        compile: bool = False,
+        compile_backend: str = "inductor",
+    ) -> None:
+        """Speed up the saisa prefill without changing its function (inference only; `train()` undoes it).
+
+        fold: stack every layer's visual k/v projection with its input-norm weight folded in (costs 2·n·h·k
+        weights of memory). chunk: layers per batched visual step (None = all). overlap: on CUDA, run the visual
+        path on a side stream so it overlaps the text layers. compile: run the text layers and visual chunks
+        through `torch.compile`d pure functions (fused.py), traced once for all layers; needs `fold`.
+        """
         if self.config.architecture != "saisa":
             return
-        self._folded_kv = fold_kv_weights(self.layers) if fold else None
+        if any(getattr(layer.self_attn, "k_norm", None) is not None for layer in self.layers):
+            fold = compile = False  # Qwen3's per-head k norm follows k_proj: nothing to fold into it
+        self._folded_kv = fold_kv_weights(self.layers) if fold or compile else None
         self.visual_kv_chunk = chunk
         device = self.get_input_embeddings().weight.device
         self._visual_stream = torch.cuda.Stream(device) if overlap and device.type == "cuda" else None
+        self._fused = None
+        if compile and all(supports_fused(layer) for layer in self.layers):
+            self._fused = FusedPath(
+                text=torch.compile(text_layer_step, dynamic=True, backend=compile_backend),
+                visual=torch.compile(visual_kv_chunk, dynamic=True, backend=compile_backend),
+                layers=[text_layer_tensors(layer) for layer in self.layers],
+            )
 
     def train(self, mode: bool = True):
         if mode:  # folded weights would go stale as soon as the weights move
-            self._folded_kv, self._visual_stream = None, None
+            self._folded_kv, self._visual_stream, self._fused = None, None, None
         return super().train(mode)
 
     # ------------------------------------------------------------------ images
@@ -144,6 +180,12 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
             raise ValueError(f"expand_shared_projector applies to architecture='saisa', not {self.config.architecture!r}")
         self.multi_modal_projector.expand()
         self.config.projector_sharing = "per_layer"
+
+    def generate(self, *args, **kwargs):
+        """Greedy / sampled decoding over SaisaCache (saisa.generate), taking transformers' generate arguments."""
+        from saisa.generate import generate
+
+        return generate(self, *args, **kwargs)
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -255,6 +297,8 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         vis_h = None
         vis_kv: list | None = None
         events: list = []
+        if self._fused is not None and features is not None and cache is None and not self.training:
+            return self._decode_fused(text_h, features, layout, mask, cos, sin, vis_cos, vis_sin)
         if features is not None and arch == "saisa":
             # Visual work does not depend on text: every layer's visual K/V is computed up front (paper Eq. 6-7).
             stream = self._visual_stream if text_h.is_cuda and not torch.is_grad_enabled() else None
@@ -280,6 +324,44 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
             else:
                 hidden, vis_h = self._layer(*step)
         return hidden[:, n_vis:] if llava else hidden
+
+    def _decode_fused(self, text_h, features, layout, mask, cos, sin, vis_cos, vis_sin) -> torch.Tensor:
+        """saisa inference through the compiled functions: visual chunks (optionally on a side stream), then text."""
+        fused, folded, proj = self._fused, self._folded_kv, self.multi_modal_projector
+        n, chunk = len(self.layers), self.visual_kv_chunk or len(self.layers)
+        eps, head_dim = folded.eps, folded.head_dim
+        shared = proj.num_mlps == 1
+        stream = self._visual_stream if text_h.is_cuda else None
+        main = torch.cuda.current_stream() if stream is not None else None
+        if stream is not None:
+            stream.wait_stream(main)
+        slots = layout.image_slots.clamp(min=0)
+        lin2 = getattr(proj, "linear_2", None)
+        kv, events = [], []
+        for start in range(0, n, chunk):
+            sl = slice(start, min(n, start + chunk))
+            pick = (lambda p: None if p is None else (p if shared else p[sl]))  # noqa: E731
+            with torch.cuda.stream(stream) if stream is not None else nullcontext():
+                keys, values = fused.visual(
+                    features, slots, pick(proj.linear_1.weight), pick(proj.linear_1.bias),
+                    pick(None if lin2 is None else lin2.weight), pick(None if lin2 is None else lin2.bias),
+                    folded.weight[sl], None if folded.bias is None else folded.bias[sl], vis_cos, vis_sin,
+                    sl.stop - sl.start, eps, head_dim,
+                )
+                event = None
+                if stream is not None:
+                    keys.record_stream(main)
+                    values.record_stream(main)
+                    event = torch.cuda.Event()
+                    event.record(stream)
+            kv.extend(zip(keys.unbind(0), values.unbind(0)))
+            events.extend([event] * (sl.stop - sl.start))
+        hidden = text_h
+        for i, weights in enumerate(fused.layers):
+            if events[i] is not None:
+                main.wait_event(events[i])
+            hidden = fused.text(hidden, kv[i][0], kv[i][1], mask, cos, sin, weights, eps, head_dim)
+        return hidden
 
     def _layer(self, layer, hidden, vis_h, vis_kv, cos, sin, vis_cos, vis_sin, mask, cache, index):
         """One decoder layer. hidden: the query stream (text, or [visual; text] for llava)."""

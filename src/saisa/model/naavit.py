@@ -98,9 +98,9 @@ def naavit_mask(
     invisible to every other query (their keys are invalid).
     """
     mask = (key_pos.unsqueeze(1) <= query_pos.unsqueeze(2)) & key_valid.unsqueeze(1)  # (B, T, S)
-    if self_key_index is not None:
-        rows = torch.arange(query_pos.shape[1], device=query_pos.device)
-        mask[:, rows, self_key_index] = True
+    if self_key_index is not None:  # a comparison, not an indexed write: no host value enters a CUDA graph
+        columns = torch.arange(key_pos.shape[1], device=key_pos.device)
+        mask = mask | (columns.unsqueeze(0) == self_key_index.unsqueeze(1))
     return mask.unsqueeze(1)
 
 
