@@ -3,16 +3,18 @@
 Importing the package registers `SaisaConfig` with `AutoConfig` and the model with `AutoModelForImageTextToText`.
 """
 
-from transformers import AutoConfig, AutoModelForImageTextToText
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from saisa.config import SaisaConfig
+from saisa.data.processor import SaisaProcessor
 from saisa.model.modeling import SaisaForConditionalGeneration
 
-__all__ = ["SaisaConfig", "SaisaForConditionalGeneration"]
+__all__ = ["SaisaConfig", "SaisaForConditionalGeneration", "SaisaProcessor"]
 __version__ = "0.1.0"
 
 try:
     AutoConfig.register("saisa", SaisaConfig)
     AutoModelForImageTextToText.register(SaisaConfig, SaisaForConditionalGeneration)
+    AutoProcessor.register(SaisaConfig, SaisaProcessor)
 except ValueError:  # already registered (module reloaded)
     pass

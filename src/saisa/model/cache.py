@@ -61,16 +61,6 @@ class SaisaCache:
             self.update(i, k, v)
         self.append_positions(key_pos, key_valid, next_pos)
 
-    def select(self, rows: torch.Tensor) -> "SaisaCache":
-        """A new cache holding only batch rows `rows` (B',) (copies)."""
-        out = SaisaCache(self.num_layers)
-        out.keys = [None if k is None else k[rows] for k in self.keys]
-        out.values = [None if v is None else v[rows] for v in self.values]
-        for name in ("key_pos", "key_valid", "next_pos"):
-            t = getattr(self, name)
-            setattr(out, name, None if t is None else t[rows])
-        return out
-
     def nbytes(self) -> int:
         """Bytes held by the keys and values of all layers."""
         return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
