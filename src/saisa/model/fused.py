@@ -67,8 +67,8 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 def text_layer_step(
     hidden: torch.Tensor,  # (B, T, h)
-    vis_k: torch.Tensor,  # (B, Hkv, Sv, D) rotated visual keys of this layer
-    vis_v: torch.Tensor,
+    vis_k: torch.Tensor,  # (B, Sv, Hkv, D) rotated visual keys of this layer
+    vis_v: torch.Tensor,  # (B, Sv, Hkv, D)
     mask: torch.Tensor,  # (B, 1, T, Sv + T) bool
     cos: torch.Tensor,  # (B, T, D)
     sin: torch.Tensor,
@@ -76,19 +76,23 @@ def text_layer_step(
     eps: float,
     head_dim: int,
 ) -> torch.Tensor:
-    """One NAAViT layer for text queries: attention over [visual; text] keys, then the FFN. Returns (B, T, h)."""
+    """One NAAViT layer for text queries: attention over [visual; text] keys, then the FFN. Returns (B, T, h).
+
+    Keys and values stay in (B, S, H, D) layout, so joining the visual and text keys copies whole rows and
+    attention reads transposed views; a (B, H, S, D) layout made the visual copies strided and slow on the GPU.
+    """
     b, t, _ = hidden.shape
     x = _rms(hidden, w.ln1, eps)
     q = F.linear(x, w.wq, w.bq).view(b, t, -1, head_dim)
     k = F.linear(x, w.wk, w.bk).view(b, t, -1, head_dim)
-    v = F.linear(x, w.wv, w.bv).view(b, t, -1, head_dim).transpose(1, 2)
+    v = F.linear(x, w.wv, w.bv).view(b, t, -1, head_dim)
     if w.qn is not None:
         q, k = _rms(q, w.qn, eps), _rms(k, w.kn, eps)
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    q = _rope(q.transpose(1, 2), cos, sin)
-    k = _rope(k.transpose(1, 2), cos, sin)
-    k = torch.cat([vis_k, k], dim=2)
-    v = torch.cat([vis_v, v], dim=2)
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+    k = torch.cat([vis_k, k], dim=1).transpose(1, 2)  # (B, Hkv, Sv + T, D) view
+    v = torch.cat([vis_v, v], dim=1).transpose(1, 2)
+    q = q.transpose(1, 2)
     rep = q.shape[1] // k.shape[1]
     if rep > 1:
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -113,7 +117,7 @@ def visual_kv_chunk(
     eps: float,
     head_dim: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """V_i = MLP_i(Z) for `layers` layers, then their rotated visual K/V: each (c, B, Hkv, Sv, D)."""
+    """V_i = MLP_i(Z) for `layers` layers, then their rotated visual K/V: each (c, B, Sv, Hkv, D)."""
     n_img, v, d = features.shape
     z = features.reshape(1, n_img * v, d)
     x = torch.bmm(z.expand(w1.shape[0], -1, -1), w1.transpose(1, 2))
@@ -133,7 +137,5 @@ def visual_kv_chunk(
     if bkv is not None:
         kv = kv + bkv.unsqueeze(1)
     kv = kv.view(c, batch, sv, 2, -1, head_dim)
-    keys = kv[:, :, :, 0].transpose(2, 3)  # (c, B, Hkv, Sv, D)
-    values = kv[:, :, :, 1].transpose(2, 3)
-    keys = _rope(keys, cos.unsqueeze(0).unsqueeze(2), sin.unsqueeze(0).unsqueeze(2))
-    return keys, values.contiguous()
+    keys = _rope(kv[:, :, :, 0], cos.unsqueeze(0).unsqueeze(3), sin.unsqueeze(0).unsqueeze(3))
+    return keys, kv[:, :, :, 1]

@@ -42,7 +42,10 @@ class GraphedForward:
                 self._run()
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.no_grad(), torch.cuda.graph(self.graph):
+        # Captured on a high-priority stream: the text layers (memory-bound) are then scheduled ahead of the
+        # visual path when it runs on the model's side stream (compute-bound), so the two can share the SMs.
+        capture = torch.cuda.Stream(device, priority=-1)
+        with torch.no_grad(), torch.cuda.graph(self.graph, stream=capture):
             self.logits = self._run()
 
     def __call__(self, image_features: torch.Tensor | None = None, input_ids: torch.Tensor | None = None):
