@@ -383,4 +383,12 @@ def test_compiled_fused_path_computes_the_same_function(backbone, sharing):
         model.optimize_for_inference(chunk=2, compile=True, compile_backend="eager")
         assert (model._fused is None) == (backbone == "qwen3"), "Qwen3 (k norms) keeps the reference path"
         fast = model(input_ids=ids, pixel_values=pixels).logits
-    assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+        rows = text_rows(ids[0])
+        assert_close(fast[0, rows], ref[0, rows], atol=1e-5, rtol=1e-5)
+        # Rows differing in image count cannot drop their placeholders together: the path keeps them.
+        mixed = torch.stack([ids[0], with_images(seed=22, length=11, image_at=[5])])
+        mask = torch.ones_like(mixed)
+        both = model(input_ids=mixed, attention_mask=mask, pixel_values=random_pixels(3)).logits
+        model.train().eval()  # drops the fast path
+        ref_both = model(input_ids=mixed, attention_mask=mask, pixel_values=random_pixels(3)).logits
+    assert_close(both, ref_both, atol=1e-5, rtol=1e-5)

@@ -121,13 +121,16 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         overlap: bool = True,
         compile: bool = False,
         compile_backend: str = "inductor",
+        dynamic: bool | None = False,
     ) -> None:
         """Speed up the saisa prefill without changing its function (inference only; `train()` undoes it).
 
         fold: stack every layer's visual k/v projection with its input-norm weight folded in (costs 2·n·h·k
         weights of memory). chunk: layers per batched visual step (None = all). overlap: on CUDA, run the visual
         path on a side stream so it overlaps the text layers. compile: run the text layers and visual chunks
-        through `torch.compile`d pure functions (fused.py), traced once for all layers; needs `fold`.
+        through `torch.compile`d pure functions (fused.py), traced once for all layers; needs `fold`. dynamic:
+        passed to torch.compile (False: one compile per shape, whose kernels index without 64-bit divisions; with
+        dynamic shapes the visual RoPE kernel ran 10x under bandwidth on an H100).
         """
         if self.config.architecture != "saisa":
             return
@@ -139,9 +142,14 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         self._visual_stream = torch.cuda.Stream(device) if overlap and device.type == "cuda" else None
         self._fused = None
         if compile and all(supports_fused(layer) for layer in self.layers):
+            from torch._dynamo import config as dynamo_config
+
+            # One entry per (batch, length) shape with dynamic=False; the default limit (8) would silently fall
+            # back to eager on a serving mix of shapes.
+            dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, 64)
             self._fused = FusedPath(
-                text=torch.compile(text_layer_step, dynamic=True, backend=compile_backend),
-                visual=torch.compile(visual_kv_chunk, dynamic=True, backend=compile_backend),
+                text=torch.compile(text_layer_step, dynamic=dynamic, backend=compile_backend),
+                visual=torch.compile(visual_kv_chunk, dynamic=dynamic, backend=compile_backend),
                 layers=[text_layer_tensors(layer) for layer in self.layers],
             )
 
@@ -356,11 +364,22 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
                     event.record(stream)
             kv.extend(zip(keys.unbind(0), values.unbind(0)))
             events.extend([event] * (sl.stop - sl.start))
+        cols = layout.text_columns
         hidden = text_h
+        if cols is not None:  # drop the placeholder rows: T = text tokens exactly (and the paper's FLOPs)
+            n_vis = mask.shape[-1] - text_h.shape[1]
+            take = lambda x: x.gather(1, cols.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # noqa: E731
+            hidden, cos, sin = take(text_h), take(cos), take(sin)
+            key_cols = torch.cat([torch.arange(n_vis, device=cols.device).expand(cols.shape[0], -1), n_vis + cols], 1)
+            mask = mask.gather(2, cols[:, None, :, None].expand(-1, 1, -1, mask.shape[-1]))
+            mask = mask.gather(3, key_cols[:, None, None, :].expand(-1, 1, mask.shape[2], -1))
         for i, weights in enumerate(fused.layers):
             if events[i] is not None:
                 main.wait_event(events[i])
             hidden = fused.text(hidden, kv[i][0], kv[i][1], mask, cos, sin, weights, eps, head_dim)
+        if cols is not None:  # placeholder rows come back as zeros (their logits carry no meaning)
+            hidden = text_h.new_zeros(text_h.shape).scatter(1, cols.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]),
+                                                            hidden)
         return hidden
 
     def _layer(self, layer, hidden, vis_h, vis_kv, cos, sin, vis_cos, vis_sin, mask, cache, index):

@@ -25,9 +25,13 @@ class SequenceLayout:
     image_slots: torch.Tensor  # (B, I) long: index of the sample's i-th image in the batch's images, -1 = none
     image_start: torch.Tensor  # (B, I) long: first position of that image
     next_pos: torch.Tensor  # (B,) long: the position the next appended token will take
+    # (B, L - P) columns that are not placeholders, when every row holds the same number P of them, else None:
+    # lets the inference fast path drop the meaningless placeholder rows from the query stream.
+    text_columns: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> "SequenceLayout":
-        return SequenceLayout(**{f: getattr(self, f).to(device) for f in self.__dataclass_fields__})
+        moved = {f: getattr(self, f) for f in self.__dataclass_fields__}
+        return SequenceLayout(**{f: None if t is None else t.to(device) for f, t in moved.items()})
 
     @property
     def max_images(self) -> int:
@@ -78,7 +82,12 @@ def build_layout(
         slot = torch.cumsum(is_placeholder.long(), dim=1)[b_idx, l_idx] - 1
         image_slots[b_idx, slot] = torch.arange(found, device=input_ids.device)
         image_start[b_idx, slot] = text_pos[b_idx, l_idx]
+    text_columns = None
+    if found and bool((counts == counts[0]).all()):
+        columns = torch.arange(input_ids.shape[1], device=input_ids.device).expand(batch, -1)
+        text_columns = columns[~is_placeholder].view(batch, -1)
     return SequenceLayout(
+        text_columns=text_columns,
         text_pos=text_pos,
         text_is_key=real & ~is_placeholder,
         is_placeholder=is_placeholder,
