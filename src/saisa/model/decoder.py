@@ -47,10 +47,14 @@ def _heads(attn: nn.Module, x: torch.Tensor, proj: nn.Module, norm_name: str) ->
     return out.transpose(1, 2)
 
 
-def rope(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, H, T, D) by RoPE tables (B, T, D) (transformers' rotate-half convention)."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+def apply_rope(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE in transformers' rotate-half convention; cos/sin already broadcastable to `states`."""
     return states * cos + rotate_half(states) * sin
+
+
+def rope(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, H, T, D) by RoPE tables (B, T, D)."""
+    return apply_rope(states, cos.unsqueeze(1), sin.unsqueeze(1))
 
 
 def query_key_value(

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .decoder import apply_rope
+
 
 class TextLayer(NamedTuple):
     """The tensors of one Llama-family decoder layer (biases and q/k norms optional); a NamedTuple, so a compiled
@@ -54,15 +56,11 @@ def text_layer_tensors(layer: nn.Module) -> TextLayer:
     )
 
 
-def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def _rms(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """transformers' LlamaRMSNorm as a function: normalise in fp32, cast back, then scale (weight None: no scale)."""
     x32 = x.float()
-    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    normed = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return normed if weight is None else weight * normed
 
 
 def text_layer_step(
@@ -89,7 +87,7 @@ def text_layer_step(
     if w.qn is not None:
         q, k = _rms(q, w.qn, eps), _rms(k, w.kn, eps)
     cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-    q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     k = torch.cat([vis_k, k], dim=1).transpose(1, 2)  # (B, Hkv, Sv + T, D) view
     v = torch.cat([vis_v, v], dim=1).transpose(1, 2)
     q = q.transpose(1, 2)
@@ -131,11 +129,10 @@ def visual_kv_chunk(
     if x.shape[0] == 1 and layers > 1:
         x = x.expand(layers, -1, -1, -1)
     c, batch, sv, h = x.shape
-    x32 = x.float()
-    x = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype).reshape(c, batch * sv, h)
+    x = _rms(x, None, eps).reshape(c, batch * sv, h)  # the norm's weight is folded into wkv
     kv = torch.bmm(x, wkv.transpose(1, 2))
     if bkv is not None:
         kv = kv + bkv.unsqueeze(1)
     kv = kv.view(c, batch, sv, 2, -1, head_dim)
-    keys = _rope(kv[:, :, :, 0], cos.unsqueeze(0).unsqueeze(3), sin.unsqueeze(0).unsqueeze(3))
+    keys = apply_rope(kv[:, :, :, 0], cos.unsqueeze(0).unsqueeze(3), sin.unsqueeze(0).unsqueeze(3))
     return keys, kv[:, :, :, 1]

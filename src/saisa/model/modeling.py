@@ -13,7 +13,6 @@ placeholders carry no meaning (never in the loss). See naavit.py for how positio
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -335,35 +334,14 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
 
     def _decode_fused(self, text_h, features, layout, mask, cos, sin, vis_cos, vis_sin) -> torch.Tensor:
         """saisa inference through the compiled functions: visual chunks (optionally on a side stream), then text."""
-        fused, folded, proj = self._fused, self._folded_kv, self.multi_modal_projector
-        n, chunk = len(self.layers), self.visual_kv_chunk or len(self.layers)
+        fused, folded = self._fused, self._folded_kv
         eps, head_dim = folded.eps, folded.head_dim
-        shared = proj.num_mlps == 1
         stream = self._visual_stream if text_h.is_cuda else None
+        kv, events = saisa_visual_kv(
+            self.layers, self.multi_modal_projector, features, layout, vis_cos, vis_sin, folded=folded,
+            chunk=self.visual_kv_chunk, stream=stream, folded_fn=fused.visual, heads_first=False,
+        )
         main = torch.cuda.current_stream() if stream is not None else None
-        if stream is not None:
-            stream.wait_stream(main)
-        slots = layout.image_slots.clamp(min=0)
-        lin2 = getattr(proj, "linear_2", None)
-        kv, events = [], []
-        for start in range(0, n, chunk):
-            sl = slice(start, min(n, start + chunk))
-            pick = (lambda p: None if p is None else (p if shared else p[sl]))  # noqa: E731
-            with torch.cuda.stream(stream) if stream is not None else nullcontext():
-                keys, values = fused.visual(
-                    features, slots, pick(proj.linear_1.weight), pick(proj.linear_1.bias),
-                    pick(None if lin2 is None else lin2.weight), pick(None if lin2 is None else lin2.bias),
-                    folded.weight[sl], None if folded.bias is None else folded.bias[sl], vis_cos, vis_sin,
-                    sl.stop - sl.start, eps, head_dim,
-                )
-                event = None
-                if stream is not None:
-                    keys.record_stream(main)
-                    values.record_stream(main)
-                    event = torch.cuda.Event()
-                    event.record(stream)
-            kv.extend(zip(keys.unbind(0), values.unbind(0)))
-            events.extend([event] * (sl.stop - sl.start))
         cols = layout.text_columns
         hidden = text_h
         if cols is not None:  # drop the placeholder rows: T = text tokens exactly (and the paper's FLOPs)

@@ -3,18 +3,21 @@
 Unusual here: visual work does not depend on the text, so it is done before any text layer runs, a chunk of layers
 at a time: one bmm per projector linear for the chunk, then the keys/values. For inference, `fold_kv_weights` stacks
 each layer's k_proj/v_proj with its input-norm weight folded in, so a chunk's K/V is one more bmm and the RMS scale,
-RoPE and the copies are done once for all the chunk's layers instead of per layer. On CUDA the chunks can run on a
+RoPE and the copies are done once for all the chunk's layers (fused.visual_kv_chunk) instead of per layer. On CUDA the chunks can run on a
 side stream with one event per chunk, so the compute-bound visual path overlaps the memory-bound text layers.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .decoder import query_key_value, rope
+from .decoder import query_key_value
+from .fused import visual_kv_chunk
 from .naavit import SequenceLayout
 
 
@@ -53,11 +56,6 @@ def fold_kv_weights(layers: nn.ModuleList) -> FoldedKV:
     )
 
 
-def _rms_scale(x: torch.Tensor, eps: float) -> torch.Tensor:
-    x32 = x.float()
-    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-
-
 def _place(projected: torch.Tensor, layout: SequenceLayout) -> torch.Tensor:
     """(c, N, v, h) per image -> (c, B, I*v, h) in each sample's image slots (empty slots read image 0, masked)."""
     return projected[:, layout.image_slots.clamp(min=0)].flatten(2, 3)
@@ -73,9 +71,13 @@ def saisa_visual_kv(
     folded: FoldedKV | None = None,
     chunk: int | None = None,
     stream: torch.cuda.Stream | None = None,
+    folded_fn: Callable = visual_kv_chunk,
+    heads_first: bool = True,
 ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[torch.cuda.Event | None]]:
-    """Per-layer visual (K, V), each (B, Hkv, I*v, D) rotated at the images' positions, and per-layer events that
-    the text layer must wait on (None when computed on the current stream)."""
+    """Per-layer visual (K, V) rotated at the images' positions, (B, Hkv, I*v, D) (or (B, I*v, Hkv, D) with
+    `heads_first=False`, folded path only), and per-layer events the text layer must wait on (None when computed
+    on the current stream). With `folded`, each chunk is `folded_fn` (fused.visual_kv_chunk, or its compiled
+    version); without, the reference: each layer's own input norm, k_proj/v_proj and RoPE."""
     n = len(layers)
     chunk = chunk or n
     main = torch.cuda.current_stream() if stream is not None else None
@@ -83,13 +85,21 @@ def saisa_visual_kv(
         stream.wait_stream(main)
     kv: list[tuple[torch.Tensor, torch.Tensor]] = []
     events: list[torch.cuda.Event | None] = []
+    slots = layout.image_slots.clamp(min=0)
     for start in range(0, n, chunk):
         sl = slice(start, min(n, start + chunk))
-        with torch.cuda.stream(stream) if stream is not None else _null():
-            visual = _place(projector(features, layers=sl), layout)  # (c, B, Sv, h)
+        with torch.cuda.stream(stream) if stream is not None else nullcontext():
             if folded is not None:
-                part = _folded_chunk(visual, folded, sl, cos, sin)
+                keys, values = folded_fn(
+                    features, slots, *projector_weights(projector, sl), folded.weight[sl],
+                    None if folded.bias is None else folded.bias[sl], cos, sin, sl.stop - sl.start, folded.eps,
+                    folded.head_dim,
+                )  # (c, B, Sv, Hkv, D)
+                if heads_first:
+                    keys, values = keys.transpose(2, 3), values.transpose(2, 3)
+                part = list(zip(keys.unbind(0), values.unbind(0)))
             else:
+                visual = _place(projector(features, layers=sl), layout)  # (c, B, Sv, h)
                 part = []
                 for j, i in enumerate(range(sl.start, sl.stop)):
                     normed = layers[i].input_layernorm(visual[j])
@@ -107,21 +117,9 @@ def saisa_visual_kv(
     return kv, events
 
 
-def _folded_chunk(visual, folded: FoldedKV, sl: slice, cos, sin) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    c, batch, sv, h = visual.shape
-    x = _rms_scale(visual, folded.eps).reshape(c, batch * sv, h)
-    w = folded.weight[sl].transpose(1, 2)
-    out = torch.bmm(x, w) if folded.bias is None else torch.baddbmm(folded.bias[sl].unsqueeze(1), x, w)
-    out = out.view(c, batch, sv, 2, -1, folded.head_dim)  # (c, B, Sv, 2, Hkv, D)
-    keys = out[:, :, :, 0].permute(0, 1, 3, 2, 4)  # (c, B, Hkv, Sv, D)
-    values = out[:, :, :, 1].permute(0, 1, 3, 2, 4)
-    keys = rope(keys.flatten(0, 1), cos.repeat(c, 1, 1), sin.repeat(c, 1, 1)).view_as(keys)
-    return [(keys[j], values[j]) for j in range(c)]
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+def projector_weights(projector: nn.Module, layers: slice) -> tuple[torch.Tensor | None, ...]:
+    """(w1, b1, w2, b2) of the projector MLPs of `layers` (the one shared MLP when it is shared)."""
+    pick = (lambda p: p if p is None or projector.num_mlps == 1 else p[layers])  # noqa: E731
+    lin2 = getattr(projector, "linear_2", None)
+    return (pick(projector.linear_1.weight), pick(projector.linear_1.bias),
+            pick(None if lin2 is None else lin2.weight), pick(None if lin2 is None else lin2.bias))
