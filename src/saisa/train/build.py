@@ -23,15 +23,37 @@ EMBEDDED_LLMS = ("smollm2",)
 EMBEDDED_TOWERS = ("efficientnet_lite0",)
 
 
+RANDOM_PREFIX = "random:"
+RANDOM_INIT_SEED = 0
+
+
 def load_llm(name: str) -> tuple[nn.Module, Any]:
-    """(causal LM, tokenizer): `smollm2` (embedded SmolLM2-135M-Instruct) or an HF folder / hub id, in float32."""
+    """(causal LM, tokenizer) in float32: `smollm2` (embedded SmolLM2-135M-Instruct), an HF folder / hub id, or
+    `random:<folder>` (the folder's config.json, randomly initialised, and its tokenizer files)."""
     if name == "smollm2":
         from saisa.assets import load_smollm2
 
         return load_smollm2(torch.float32)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if name.startswith(RANDOM_PREFIX):
+        return _random_llm(name.removeprefix(RANDOM_PREFIX))
+
     return AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32), AutoTokenizer.from_pretrained(name)
+
+
+def _random_llm(folder: str) -> tuple[nn.Module, Any]:
+    """A causal LM built from `folder`'s config.json with HF's own initialisation, under a fixed seed so that every
+    process (and every run) starts from the same weights; for machines that cannot hold the pretrained weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(folder)
+    with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream as it was
+        torch.manual_seed(RANDOM_INIT_SEED)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    logger.warning("model.llm=%s%s: %s with RANDOM weights (seed %d), not a pretrained LLM", RANDOM_PREFIX, folder,
+                   type(model).__name__, RANDOM_INIT_SEED)
+    return model, AutoTokenizer.from_pretrained(folder)
 
 
 def load_vision_tower(name: str) -> nn.Module:
