@@ -90,3 +90,13 @@ ARCHS = ("saisa", "naavit", "llava")
 @pytest.fixture(params=ARCHS)
 def arch(request) -> str:
     return request.param
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """accelerate keeps one process-wide state; a test that trains in bf16 must not fix it for the next ones."""
+    yield
+    if "accelerate.state" in __import__("sys").modules:
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)

@@ -198,6 +198,7 @@ COMMANDS: dict[str, Command] = {
         run=_run_flops,
     ),
     "bench": from_module("saisa.bench.cli", "latency / throughput / memory suite and BENCHMARKS.md (saisa.bench)"),
+    "demo": from_module("saisa.demo", "embedded-default demo: SmolLM2-135M + EfficientNet-Lite0, two stages, eval"),
     "train": from_module("saisa.train.cli", "train a recipe (stage 1 / stage 2), single process or accelerate launch"),
     "chat": from_module("saisa.chat", "multi-turn chat with a saved model: streamed tokens, /image FILE, /reset"),
     "data": from_module("saisa.data.cli", "dataset tools: `data synth` (synthetic shapes VQA), `data check`"),
