@@ -111,3 +111,15 @@ def test_train_gpu_compare(tmp_path):
     assert report["common_steps"] == 20
     assert report["mean_abs_diff_smoothed_last_half"] == pytest.approx(0.05)
     assert (tmp_path / "c.png").stat().st_size > 1000
+
+
+def test_build_model_initialises_the_projector_the_same_every_time(tmp_path):
+    from saisa.train.build import build_model
+    from saisa.train.config import ModelConfig
+
+    cfg = ModelConfig(llm=f"random:{tiny_llm_dir(tmp_path / 'llm')}", vision=str(tiny_tower_dir(tmp_path / 'tower')))
+    torch.manual_seed(1)
+    a = build_model(cfg, projector_sharing="shared")[0].multi_modal_projector.state_dict()
+    torch.manual_seed(2)
+    b = build_model(cfg, projector_sharing="shared")[0].multi_modal_projector.state_dict()
+    torch.testing.assert_close(a, b, rtol=0, atol=0)

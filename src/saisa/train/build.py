@@ -82,11 +82,14 @@ def prepare_tokenizer(tokenizer: Any) -> int:
     return ensure_image_token(tokenizer)
 
 
-def build_model(cfg: ModelConfig, *, projector_sharing: str = "per_layer") -> tuple[nn.Module, Any, Any]:
+def build_model(cfg: ModelConfig, *, projector_sharing: str = "per_layer", seed: int = 0
+                ) -> tuple[nn.Module, Any, Any]:
     """(SaisaForConditionalGeneration, tokenizer, image_processor) in float32 on CPU.
 
     `projector_sharing` applies to saisa built from parts: "shared" for stage 1 (one MLP), "per_layer" otherwise.
-    With `cfg.init_from`, the saved model, tokenizer and image processor are loaded as they are.
+    The new projector is initialised under `seed` (torch seeds each process randomly, so without it two runs, or two
+    ranks of one run, would start from different projectors). With `cfg.init_from`, the saved model, tokenizer and
+    image processor are loaded as they are.
     """
     from saisa.model.vision import image_processor_for
 
@@ -109,7 +112,9 @@ def build_model(cfg: ModelConfig, *, projector_sharing: str = "per_layer") -> tu
         vision_feature_layer=cfg.vision_feature_layer,
         vision_feature_select_strategy=cfg.vision_feature_select_strategy,
     )
-    model = SaisaForConditionalGeneration(config)
+    with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream as it was
+        torch.manual_seed(seed)
+        model = SaisaForConditionalGeneration(config)
     model.language_model.load_state_dict(llm.state_dict())
     model.vision_tower.load_state_dict(tower.state_dict())
     model.vision_tower.requires_grad_(False)
