@@ -96,6 +96,7 @@ print("load_s", round(time.time() - t, 2))
 assert type(model).__name__ == "LlamaForCausalLM" and model.dtype == torch.float32
 assert getattr(model, "hf_quantizer", None) is None, "still marked as a gguf-quantized model"
 assert "<|im_start|>" in tok.chat_template
+assert (tok.eos_token, tok.pad_token) == ("<|im_end|>", "<|im_end|>"), (tok.eos_token, tok.pad_token)
 msgs = [{"role": "user", "content": "What is the capital of France?"}]
 ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
 out = model.generate(**ids, max_new_tokens=12, do_sample=False)

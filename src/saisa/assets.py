@@ -132,6 +132,7 @@ def smollm2_dir() -> Path:
     # The GGUF carries SmolLM2's ChatML chat template (tokenizer.chat_template), so the tokenizer needs none from us.
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    gguf_special_tokens(tokenizer, quantized.generation_config)
     # Same weights in a model without the gguf quantizer flag; the config loses only `quantization_config`.
     config_dict = quantized.config.to_dict()
     config_dict.pop("quantization_config", None)
@@ -164,4 +165,21 @@ def load_smollm2(dtype: torch.dtype = torch.float32):
     path = smollm2_dir()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(path)
+    gguf_special_tokens(tokenizer, model.generation_config)  # a folder converted before the fix, or elsewhere
     return model, tokenizer
+
+
+def gguf_special_tokens(tokenizer, generation_config) -> None:
+    """Set eos/pad of a GGUF-read tokenizer from the GGUF's own ids, which the model's generation_config carries.
+
+    transformers 5.17 (the GPU image) reads SmolLM2's GGUF tokenizer with eos = "<|im_start|>" and no pad token,
+    while the GGUF says eos = pad = 2 ("<|im_end|>", as 5.23 reads it). With the wrong eos, generation never stops
+    at the end of an assistant turn and the end-of-turn label is not the token generation stops on.
+    """
+    for name in ("eos", "pad"):
+        ids = getattr(generation_config, f"{name}_token_id", None)
+        ids = ids[0] if isinstance(ids, (list, tuple)) and ids else ids
+        if isinstance(ids, int) and 0 <= ids < len(tokenizer):
+            token = tokenizer.convert_ids_to_tokens(ids)
+            if getattr(tokenizer, f"{name}_token") != token:
+                setattr(tokenizer, f"{name}_token", token)

@@ -30,7 +30,8 @@ class ModelConfig:
     """What to build: an LLM + vision tower from pretrained parts, or a saved saisa model (`init_from`)."""
 
     llm: str | None = None
-    """Local HF folder (or hub id) of a Llama-family causal LM, or `smollm2` for the embedded SmolLM2-135M-Instruct."""
+    """Local HF folder (or hub id) of a Llama-family causal LM, `smollm2` for the embedded SmolLM2-135M-Instruct, or
+    `random:<folder>`: that folder's config and tokenizer with randomly initialised weights (fixed seed)."""
     vision: str | None = None
     """Local HF folder of a CLIP/SigLIP vision model, or `efficientnet_lite0` for the embedded tower."""
     architecture: Literal["saisa", "naavit", "llava"] = "saisa"
