@@ -118,7 +118,7 @@ def main() -> None:
         del g
         torch.cuda.empty_cache()
         results["variants"][name] = {"ms": ms, "build_s": build_s, "rel_err_vs_reference": rel}
-        print(f"{name:32s} {ms:8.2f} ms (graph)  build {build_s:5.1f} s  rel err {rel:.2e}", flush=True)
+        print(f"{name:45s} {ms:8.2f} ms (graph)  build {build_s:5.1f} s  rel err {rel:.2e}", flush=True)
     results["sdpa"] = sdpa_backends(args.t + 1, 576)
     model.optimize_for_inference(fold=True, chunk=None, overlap=False, compile=True)
     total, count, rows = kernel_table(model, s.ids, s.features)

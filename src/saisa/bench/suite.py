@@ -110,7 +110,7 @@ class Repeats:
     warmup: int = 3
     repeats: int = 20
     throughput_repeats: int = 10
-    decode_repeats: int = 30
+    decode_repeats: int = 100  # eager decode is launch-bound and jittery (p90 up to 2x the median)
     train_warmup: int = 2
     train_repeats: int = 6
 

@@ -336,12 +336,6 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         """saisa inference through the compiled functions: visual chunks (optionally on a side stream), then text."""
         fused, folded = self._fused, self._folded_kv
         eps, head_dim = folded.eps, folded.head_dim
-        stream = self._visual_stream if text_h.is_cuda else None
-        kv, events = saisa_visual_kv(
-            self.layers, self.multi_modal_projector, features, layout, vis_cos, vis_sin, folded=folded,
-            chunk=self.visual_kv_chunk, stream=stream, folded_fn=fused.visual, heads_first=False,
-        )
-        main = torch.cuda.current_stream() if stream is not None else None
         cols = layout.text_columns
         hidden = text_h
         if cols is not None:  # drop the placeholder rows: T = text tokens exactly (and the paper's FLOPs)
@@ -351,6 +345,13 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
             key_cols = torch.cat([torch.arange(n_vis, device=cols.device).expand(cols.shape[0], -1), n_vis + cols], 1)
             mask = mask.gather(2, cols[:, None, :, None].expand(-1, 1, -1, mask.shape[-1]))
             mask = mask.gather(3, key_cols[:, None, None, :].expand(-1, 1, mask.shape[2], -1))
+        stream = self._visual_stream if text_h.is_cuda else None
+        kv, events = saisa_visual_kv(
+            self.layers, self.multi_modal_projector, features, layout, vis_cos, vis_sin, folded=folded,
+            chunk=self.visual_kv_chunk, stream=stream, folded_fn=fused.visual, heads_first=False,
+            text_len=hidden.shape[1],
+        )
+        main = torch.cuda.current_stream() if stream is not None else None
         for i, weights in enumerate(fused.layers):
             if events[i] is not None:
                 main.wait_event(events[i])

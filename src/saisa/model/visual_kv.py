@@ -73,19 +73,24 @@ def saisa_visual_kv(
     stream: torch.cuda.Stream | None = None,
     folded_fn: Callable = visual_kv_chunk,
     heads_first: bool = True,
+    text_len: int = 0,
 ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[torch.cuda.Event | None]]:
     """Per-layer visual (K, V) rotated at the images' positions, (B, Hkv, I*v, D) (or (B, I*v, Hkv, D) with
     `heads_first=False`, folded path only), and per-layer events the text layer must wait on (None when computed
     on the current stream). With `folded`, each chunk is `folded_fn` (fused.visual_kv_chunk, or its compiled
-    version); without, the reference: each layer's own input norm, k_proj/v_proj and RoPE."""
+    version), and `text_len` > 0 leaves that many rows after the visual ones for the text keys/values (see
+    fused.text_layer_step); without, the reference: each layer's own input norm, k_proj/v_proj and RoPE."""
     n = len(layers)
     chunk = chunk or n
     main = torch.cuda.current_stream() if stream is not None else None
+    # Made on the main stream BEFORE the side stream's wait, and kept alive for it: the side stream reads it
+    # (computed after the wait, or freed on return, it could be read before it is written or after it is reused).
+    slots = layout.image_slots.clamp(min=0)
     if stream is not None:
         stream.wait_stream(main)
+        slots.record_stream(stream)
     kv: list[tuple[torch.Tensor, torch.Tensor]] = []
     events: list[torch.cuda.Event | None] = []
-    slots = layout.image_slots.clamp(min=0)
     for start in range(0, n, chunk):
         sl = slice(start, min(n, start + chunk))
         with torch.cuda.stream(stream) if stream is not None else nullcontext():
@@ -93,8 +98,8 @@ def saisa_visual_kv(
                 keys, values = folded_fn(
                     features, slots, *projector_weights(projector, sl), folded.weight[sl],
                     None if folded.bias is None else folded.bias[sl], cos, sin, sl.stop - sl.start, folded.eps,
-                    folded.head_dim,
-                )  # (c, B, Sv, Hkv, D)
+                    folded.head_dim, text_len,
+                )  # (c, B, Sv + text_len, Hkv, D)
                 if heads_first:
                     keys, values = keys.transpose(2, 3), values.transpose(2, 3)
                 part = list(zip(keys.unbind(0), values.unbind(0)))
