@@ -100,8 +100,16 @@ def main() -> int:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     for scenes in sorted({variants[n][0] for n in names}):  # sets first, so variants do not race to write them
         synth_set(root, scenes, args.test_scenes, env)
+    done: list[dict] = []
+
+    def one(name: str) -> dict:
+        row = run_variant(name, *variants[name], args, env)
+        done.append(row)  # list.append is atomic; a call killed at its time limit keeps what finished
+        (root / "sweep.json").write_text(json.dumps(done, indent=1) + "\n")
+        return row
+
     with ThreadPoolExecutor(args.jobs) as pool:
-        rows = list(pool.map(lambda n: run_variant(n, *variants[n], args, env), names))
+        rows = list(pool.map(one, names))
     (root / "sweep.json").write_text(json.dumps(rows, indent=1) + "\n")
     md = table(rows)
     (root / "sweep.md").write_text(md + "\n")
