@@ -29,49 +29,52 @@ def main() -> None:
     setting, device = PRESETS["paper"], torch.device("cuda")
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "systems": {}}
     for arch in ("saisa", "llava"):
-        model = build_ours(setting, arch, device, text_config=setting.train_text_config, seed=2)
-        model.requires_grad_(True)
-        model.vision_tower.requires_grad_(False)
-        model.train()
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
-        x = make_inputs(replace(setting, text_config=setting.train_text_config), setting.train_batch,
-                        setting.train_text_tokens, device, seed=2)[0]
-
-        def step():
-            model(input_ids=x.ids, pixel_values=x.pixels, labels=x.ids).loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        for _ in range(3):
-            step()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(5):
-            step()
-        torch.cuda.synchronize()
-        wall = (time.perf_counter() - t0) / 5 * 1e3
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            step()
-            torch.cuda.synchronize()
-        kernels: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
-        for evt in prof.events():
-            if evt.device_type.name == "CUDA":
-                row = kernels[evt.name[:100]]
-                row[0] += evt.device_time_total / 1e3
-                row[1] += 1
-        gpu_ms = sum(v[0] for v in kernels.values())
-        top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[: args.top]
-        cpu = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top)
-        results["systems"][arch] = {"step_ms": wall, "gpu_kernel_ms": gpu_ms, "kernels": len(kernels),
-                                    "top_kernels": [(n, round(ms, 3), c) for n, (ms, c) in top], "cpu_table": cpu}
-        print(f"== {arch}: step {wall:.1f} ms wall, {gpu_ms:.1f} ms of GPU kernels")
-        for n, (ms, c) in top:
-            print(f"{ms:9.3f} ms {c:6d}x  {n}")
-        print(cpu, flush=True)
-        del model, opt, x
+        results["systems"][arch] = profile_one(arch, setting, device, args.top)
         torch.cuda.empty_cache()
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
+
+
+def profile_one(arch: str, setting, device: torch.device, top_n: int) -> dict:
+    model = build_ours(setting, arch, device, text_config=setting.train_text_config, seed=2)
+    model.requires_grad_(True)
+    model.vision_tower.requires_grad_(False)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
+    x = make_inputs(replace(setting, text_config=setting.train_text_config), setting.train_batch,
+                    setting.train_text_tokens, device, seed=2)[0]
+
+    def step():
+        model(input_ids=x.ids, pixel_values=x.pixels, labels=x.ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) / 5 * 1e3
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    kernels: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for evt in prof.events():
+        if evt.device_type.name == "CUDA":
+            row = kernels[evt.name[:100]]
+            row[0] += evt.device_time_total / 1e3
+            row[1] += 1
+    gpu_ms = sum(v[0] for v in kernels.values())
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top_n]
+    cpu = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top_n)
+    print(f"== {arch}: step {wall:.1f} ms wall, {gpu_ms:.1f} ms of GPU kernels")
+    for n, (ms, c) in top:
+        print(f"{ms:9.3f} ms {c:6d}x  {n}")
+    print(cpu, flush=True)
+    return {"step_ms": wall, "gpu_kernel_ms": gpu_ms, "kernels": len(kernels),
+            "top_kernels": [(n, round(ms, 3), c) for n, (ms, c) in top], "cpu_table": cpu}
 
 
 if __name__ == "__main__":

@@ -327,7 +327,9 @@ def test_unsupported_backbone_is_a_clear_error():
 
 
 def test_visual_path_never_runs_visual_ffn_or_visual_queries():
-    """saisa: FFNs and q_proj see text rows only; k/v projections see text + v visual rows per image."""
+    """saisa: FFNs and q_proj see text rows only. (The visual rows' K/V use the layers' stacked k/v weights,
+    saisa.model.visual_kv.stacked_key_value, so k_proj as a module sees the text rows; the reference tests check
+    that the visual keys/values are the definition's.)"""
     model = tiny_model("saisa")
     ids = with_images(seed=18, length=10, image_at=[3])[None]
     seen = {}
@@ -344,8 +346,7 @@ def test_visual_path_never_runs_visual_ffn_or_visual_queries():
         model(input_ids=ids, pixel_values=random_pixels(1))
     for h in handles:
         h.remove()
-    assert seen["mlp"] == [10] and seen["q"] == [10]
-    assert sorted(seen["k"]) == sorted([10, model.num_visual_tokens])
+    assert seen["mlp"] == [10] and seen["q"] == [10] and seen["k"] == [10]
 
 
 @pytest.mark.parametrize("fold,chunk", [(True, None), (True, 1), (False, 1), (True, 3)])

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .decoder import query_key_value
+from .decoder import apply_rope
 from .fused import visual_kv_chunk
 from .naavit import SequenceLayout
 
@@ -105,11 +105,7 @@ def saisa_visual_kv(
                 part = list(zip(keys.unbind(0), values.unbind(0)))
             else:
                 visual = _place(projector(features, layers=sl), layout)  # (c, B, Sv, h)
-                part = []
-                for j, i in enumerate(range(sl.start, sl.stop)):
-                    normed = layers[i].input_layernorm(visual[j])
-                    _, k, v = query_key_value(layers[i], normed, cos, sin, with_query=False)
-                    part.append((k, v))
+                part = stacked_key_value(layers[sl], visual, cos, sin)
             event = None
             if stream is not None:
                 for k, v in part:  # allocated on the side stream, used on the main one
@@ -120,6 +116,41 @@ def saisa_visual_kv(
         kv.extend(part)
         events.extend([event] * len(part))
     return kv, events
+
+
+def stacked_key_value(layers: nn.ModuleList | list, visual: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                      ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each layer's input norm, k_proj/v_proj (+ Qwen3's k norm) and RoPE on its visual tokens (c, B, Sv, h), as
+    batched ops over the c layers (stacked weights, differentiable): (K, V) (B, Hkv, Sv, D) per layer.
+
+    The same function as `query_key_value(layer, layer.input_layernorm(visual[j]), ...)` layer by layer, which the
+    training path used to run: ~15 small kernels per layer forward and twice that backward (a training step at batch
+    8 was launch-bound), and indexing `visual[j]` made autograd fill and add a full-size gradient per layer.
+    """
+    first = layers[0]
+    attn, norm = first.self_attn, first.input_layernorm
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
+    c, batch, sv, h = visual.shape
+    x32 = visual.float()
+    normed = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(visual.dtype)  # HF RMSNorm
+    normed = torch.stack([layer.input_layernorm.weight for layer in layers])[:, None, None] * normed
+    normed = normed.reshape(c, batch * sv, h)
+
+    def project(name: str) -> torch.Tensor:  # (c, B, H, Sv, D)
+        projs = [getattr(layer.self_attn, name) for layer in layers]
+        out = torch.bmm(normed, torch.stack([p.weight for p in projs]).transpose(1, 2))
+        if projs[0].bias is not None:
+            out = out + torch.stack([p.bias for p in projs]).unsqueeze(1)
+        return out.view(c, batch, sv, -1, attn.head_dim).transpose(2, 3)
+
+    key, value = project("k_proj"), project("v_proj")
+    if getattr(attn, "k_norm", None) is not None:  # Qwen3: RMSNorm over each head's D, then RoPE
+        k_eps = getattr(attn.k_norm, "variance_epsilon", getattr(attn.k_norm, "eps", 1e-6))
+        k32 = key.float()
+        key = (k32 * torch.rsqrt(k32.pow(2).mean(-1, keepdim=True) + k_eps)).to(key.dtype)
+        key = torch.stack([layer.self_attn.k_norm.weight for layer in layers])[:, None, None, None] * key
+    key = apply_rope(key, cos[None, :, None], sin[None, :, None])
+    return list(zip(key.unbind(0), value.unbind(0)))
 
 
 def projector_weights(projector: nn.Module, layers: slice) -> tuple[torch.Tensor | None, ...]:
