@@ -111,6 +111,9 @@ def test_suite_schema_and_statuses(results):
     assert results["systems"]["hf_llava_graphs"]["status"] == "skipped"  # needs CUDA
     decode = [e for e in results["entries"] if e["section"] == "decode"]
     assert all(e["context"] == 16 + 8 for e in decode)  # v + t
+    # every decoding system, timed in the same rounds: each has all of its repeats
+    assert {e["system"] for e in decode} == {"saisa", "naavit", "llava", "hf_llava", "saisa_opt"}
+    assert all(e["repeats"] == ONCE.decode_repeats for e in decode)
     stages = {(e["arch"], e["stage"]) for e in results["entries"] if e["section"] == "train"}
     assert stages == {("saisa", 1), ("llava", 1), ("saisa", 2), ("llava", 2)}
     assert results["projection"]["saisa"]["total_gpu_hours"] > 0

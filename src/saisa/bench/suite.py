@@ -35,6 +35,7 @@ from .timing import (
     free_memory,
     is_cuda,
     measure_ceilings,
+    summarize,
     tensor_bytes,
     time_fn,
 )
@@ -666,6 +667,60 @@ class Suite:
 
         self.guarded(entry, body, system.release)
 
+    def decode_interleaved(self, systems: list[System], batch: int, t: int) -> None:
+        """Decode time per token of every system, timed in rounds (one step of each system in turn) so that a slow
+        spell of the host, which an eager, launch-bound decode feels at once, falls on all of them alike; the
+        ratios between systems are what the targets read. Peak memory: each system's own start and warm-up."""
+        s, spec, vspec = self.setting, llm_spec(self.setting.text_config), vision_spec(self.setting.vision_config)
+        context = vspec.num_tokens + t
+        started: list[tuple[System, dict[str, Any], PeakMemory]] = []
+        for system in systems:
+            entry = {"section": "decode", "system": system.name, "arch": system.arch, "batch": batch,
+                     "text_tokens": t, "context": context}
+            if self.over_budget():
+                self.record({**entry, "status": "skipped", "error": "time budget spent"})
+                continue
+            try:
+                with PeakMemory(self.device) as mem, torch.no_grad():
+                    system.prepare(batch, t, make_inputs(s, batch, t, self.device, seed=batch * 1000 + t))
+                    system.start_decode()
+                    for _ in range(self.reps.warmup):
+                        system.decode_step()
+                started.append((system, entry, mem))
+            except NotImplementedError as err:
+                self.record({**entry, "status": "n/a", "error": str(err)[:300]})
+                system.release()
+            except Exception as err:  # noqa: BLE001 - one failing system must not end the suite
+                self.record({**entry, "status": "error", "error": f"{type(err).__name__}: {str(err)[:300]}"})
+                system.release()
+        try:
+            samples: dict[str, list[float]] = {sys_.name: [] for sys_, _, _ in started}
+            cuda = is_cuda(self.device)
+            with torch.no_grad():
+                for _ in range(self.reps.decode_repeats):
+                    for system, _, _ in started:
+                        if cuda:
+                            torch.cuda.synchronize(self.device)
+                            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                            start.record()
+                            system.decode_step()
+                            end.record()
+                            end.synchronize()
+                            samples[system.name].append(start.elapsed_time(end))
+                        else:
+                            t0 = time.perf_counter()
+                            system.decode_step()
+                            samples[system.name].append((time.perf_counter() - t0) * 1e3)
+            for system, entry, mem in started:
+                timing = summarize(samples[system.name], self.reps.warmup, "cuda_event" if cuda else "perf_counter")
+                entry.update(status="ok", method=system.method, tokens_per_s=batch / (timing.median_ms * 1e-3))
+                nbytes = system.llm_bytes() + kv_bytes(spec, context + 1, batch, self.element)
+                self.record(entry, timing, decode_flops(spec, context, batch), nbytes, mem, system.own_bytes())
+        finally:
+            for system, _, _ in started:
+                system.release()
+            free_memory(self.device)
+
     # -- training
     def train(self, stage: int, arch: str, model: nn.Module, text_config: dict[str, Any]) -> None:
         """Time forward + backward + AdamW step (vision tower frozen and run every step, as in the recipe)."""
@@ -766,7 +821,8 @@ NOTES = (
     "expanded to v positions, as LlavaModel.forward does after its vision tower",
     "ttft = vision tower + prefill + argmax of the first token; graph systems run the tower eagerly",
     "decode = one token per step at batch 1 over a cache filled by a prefill; the cache is cut back after each step "
-    "so every step sees the same context",
+    "so every step sees the same context; the systems are timed in rounds (one step of each in turn), so a slow "
+    "spell of the host falls on all of them alike",
     "floors: FLOPs from saisa.flops (+ lm_head rows, + the vision tower up to its feature layer in ttft); bytes = "
     "weights read once (LLM layers, final norm, lm_head, projector; + tower in ttft) + KV written (prefill) or read "
     "(decode) + inputs",
@@ -869,9 +925,11 @@ def run_suite(
         "decode": [(setting.decode_batch, setting.decode_text_tokens)],
     }
     for section in inference:
+        if section == "decode":  # all systems in rounds, see Suite.decode_interleaved
+            for batch, t in shapes[section]:
+                suite.decode_interleaved([sys_ for sys_ in suite.systems.values() if sys_.decodes], batch, t)
+            continue
         for name, system in suite.systems.items():
-            if section == "decode" and not system.decodes:
-                continue
             for batch, t in shapes[section]:
                 if name == "hf_llava_compile" and (section != "prefill" or t != setting.text_tokens[0]):
                     continue  # each shape is a fresh compile of minutes: one shape only

@@ -88,10 +88,17 @@ def time_fn(
             fn(warmup + i)
             samples.append((time.perf_counter() - t0) * 1e3)
         clock = "perf_counter"
+    return summarize(samples, warmup, clock)
+
+
+def summarize(samples: list[float], warmup: int, clock: str) -> Timing:
+    """Timing of per-call latencies in ms (median, p10, p90, min)."""
+    if not samples:
+        raise ValueError("no samples to summarize")
     ordered = sorted(samples)
     return Timing(
         median_ms=statistics.median(ordered), p10_ms=_percentile(ordered, 0.1), p90_ms=_percentile(ordered, 0.9),
-        min_ms=ordered[0], repeats=repeats, warmup=warmup, clock=clock,
+        min_ms=ordered[0], repeats=len(ordered), warmup=warmup, clock=clock,
     )
 
 
