@@ -48,6 +48,7 @@ def test_deterministic_per_seed(tmp_path):
 def test_files_and_held_out_split(synth_dir):
     captions, train, test = (_load(synth_dir, n) for n in ("train_caption.json", "train_qa.json", "test_qa.json"))
     assert len(captions) == len(train) == 40 and len(test) == 360
+    assert _load(synth_dir, "train_mix.json") == captions + train  # stage 2's captions + QA, written with the set
     assert all((synth_dir / r["image"]).exists() for r in captions + test)
     assert not {_layout(r) for r in train} & {_layout(r) for r in test}  # no scene shared
     assert len({_layout(r) for r in test}) == len(test)

@@ -14,9 +14,9 @@ overrides (paths under --out, the architecture, anything given with --stage1/--s
 `MARGIN` (10 points) above the majority-answer baseline, which reads the test answers and so is the strongest
 image-blind guess. The verdict is reported as measured, category by category; nothing is dropped.
 
-Why stage 2 trains on captions too (train_mix.json, written here): a caption supervises every word of a dense
-description (count, then size, colour, shape and place of each object), a QA turn one or two answer tokens behind
-~35 prompt tokens. In our measurements only captions made the loss depend on the image within this budget.
+Why stage 2 trains on captions too (the synthetic set's train_mix.json): a caption supervises every word of a
+dense description (count, then size, colour, shape and place of each object), a QA turn one or two answer tokens
+behind ~35 prompt tokens. In our measurements only captions made the loss depend on the image within this budget.
 
 Outputs under --out: synth/ (the data, reused by later runs when its size and seed match), stage1/ and stage2/
 (metrics.jsonl, loss.png, final/), predictions.jsonl, results.json, accuracy.png.
@@ -96,7 +96,7 @@ def load_stage_recipes(args: argparse.Namespace) -> tuple[Any, Any]:
 
 # ------------------------------------------------------------------------------------------------------ data
 def prepare_data(folder: Path, n: int, seed: int, n_test: int) -> dict[str, Any]:
-    """The shapes set in `folder` (reused when synth_meta.json says it has this size, seed and test size) plus
+    """The shapes set in `folder` (reused when synth_meta.json says it has this size, seed and test size), with
     train_mix.json: every scene's caption record and QA record, in one file for stage 2."""
     from saisa.data.synth import generate
 
@@ -110,11 +110,9 @@ def prepare_data(folder: Path, n: int, seed: int, n_test: int) -> dict[str, Any]
             meta = None
     if meta is None:
         meta = generate(folder, n=n, seed=seed, n_test=n_test)
-    mix = folder / MIX_FILE
-    if not mix.is_file():
-        records = [r for name in ("train_caption.json", "train_qa.json")
-                   for r in json.loads((folder / name).read_text(encoding="utf-8"))]
-        mix.write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
+    if not (folder / MIX_FILE).is_file():  # a set written before synth wrote the mix itself
+        shutil.rmtree(folder)
+        meta = generate(folder, n=n, seed=seed, n_test=n_test)
     return meta
 
 

@@ -9,7 +9,7 @@ the scene with its colour or its shape changed), as in POPE's adversarial split.
 (shape, colour, size, cell of every object) occurs in train is redrawn.
 
 Files under OUT: images/{train,test}/NNNNNN.png, train_caption.json (plain-template captions), train_qa.json (one
-multi-turn record per train scene), test_qa.json (one question per record, with "category" and "answer"),
+multi-turn record per train scene), train_mix.json (both, for a stage 2 on captions and QA), test_qa.json (one question per record, with "category" and "answer"),
 synth_meta.json (vocabulary, counts, chance accuracies).
 """
 
@@ -335,7 +335,9 @@ def generate(out: str | Path, n: int, seed: int, *, n_test: int | None = None, i
                         "answer": answer, "objects": _objects(scene),
                         "conversations": [_human(question, True), {"from": "gpt", "value": answer}]})
 
-    for name, records in (("train_caption.json", captions), ("train_qa.json", train_qa), ("test_qa.json", test_qa)):
+    files = (("train_caption.json", captions), ("train_qa.json", train_qa), ("train_mix.json", captions + train_qa),
+             ("test_qa.json", test_qa))
+    for name, records in files:
         (out / name).write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
     meta = {
         "seed": seed, "n_train": n, "n_test": n_test, "image_size": image_size,
