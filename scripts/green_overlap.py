@@ -16,7 +16,8 @@ import time
 
 import torch
 
-from saisa.bench.suite import PRESETS, build_ours, make_inputs
+from saisa.bench.setting import PRESETS
+from saisa.bench.systems import build_ours, make_inputs
 from saisa.model.graphs import GraphedForward
 
 

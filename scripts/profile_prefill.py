@@ -13,7 +13,8 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from saisa.bench.suite import PRESETS, build_ours, make_inputs
+from saisa.bench.setting import PRESETS
+from saisa.bench.systems import build_ours, make_inputs
 from saisa.model.graphs import GraphedForward
 
 

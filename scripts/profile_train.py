@@ -18,7 +18,8 @@ from dataclasses import replace
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from saisa.bench.suite import PRESETS, build_ours, make_inputs
+from saisa.bench.setting import PRESETS
+from saisa.bench.systems import build_ours, make_inputs
 
 
 def main() -> None:

@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from saisa.bench import report
-from saisa.bench.suite import PRESETS, Repeats, build_hf_llava, build_ours, materialize, run_suite
+from saisa.bench.setting import PRESETS, Repeats
+from saisa.bench.suite import run_suite
+from saisa.bench.systems import build_hf_llava, build_ours, materialize
 from saisa.bench.timing import PeakMemory, measure_ceilings, time_fn
 
 TINY = replace(PRESETS["tiny"], text_tokens=(8,), throughput_batches=(2,), input_sets=2)
@@ -128,7 +130,7 @@ def test_systems_over_the_same_weights_compute_the_same_logits(results):
 
 
 def test_decode_step_keeps_the_context():
-    from saisa.bench.suite import HFEager, OursEager, make_inputs
+    from saisa.bench.systems import HFEager, OursEager, make_inputs
 
     device = torch.device("cpu")
     hf = build_hf_llava(TINY, device)
@@ -210,11 +212,11 @@ def test_cli_report_writes_markdown(results, tmp_path):
 
 
 def test_cli_names_match_the_suite():
-    from saisa.bench import cli, suite
+    from saisa.bench import cli, setting, suite
 
     assert cli.SECTIONS == suite.SECTIONS
     assert cli.SYSTEMS == suite.INFERENCE_SYSTEMS
-    assert set(cli.PRESETS) == set(suite.PRESETS)
+    assert set(cli.PRESETS) == set(setting.PRESETS)
 
 
 def test_cli_rejects_unknown_section(tmp_path):

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 DEFAULT_RESULTS = Path("benchmarks/results")
-# Mirrors of saisa.bench.suite's names, so that building the parser imports no torch (tests keep them equal).
+# Mirrors of saisa.bench.suite's and .setting's names, so that building the parser imports no torch (tests keep them equal).
 SECTIONS = ("prefill", "ttft", "throughput", "decode", "train")
 SYSTEMS = ("saisa", "naavit", "llava", "hf_llava", "saisa_opt", "hf_llava_graphs", "saisa_graphs", "llava_graphs")
 PRESETS = ("paper", "tiny")
@@ -62,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {args.md} from {args.results_dir}")
         return 0
 
-    from saisa.bench.suite import PRESETS, run_suite
+    from saisa.bench.setting import PRESETS
+    from saisa.bench.suite import run_suite
 
     results = run_suite(PRESETS[args.preset], device=args.device, sections=args.only, systems=args.systems,
                         quick=args.quick, compile_hf=args.compile, budget_s=args.budget_s,
