@@ -18,22 +18,8 @@ import torch
 
 from saisa.bench.setting import PRESETS
 from saisa.bench.systems import build_ours, make_inputs
+from saisa.bench.timing import time_fn
 from saisa.model.graphs import GraphedForward
-
-
-def median_ms(fn, iters: int = 50) -> float:
-    for _ in range(5):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(iters):
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
 
 _CONTEXTS = []  # a green context must outlive its stream ("context is destroyed" otherwise)
 
@@ -68,12 +54,14 @@ def main() -> None:
                 if sms is not None:
                     model._visual_stream = green_stream(sms)
                 with torch.no_grad():
-                    row["compiled_eager_ms"] = median_ms(
-                        lambda: model(input_ids=s.ids, image_features=s.features, logits_to_keep=1), 20)
+                    row["compiled_eager_ms"] = time_fn(
+                        lambda i: model(input_ids=s.ids, image_features=s.features, logits_to_keep=1), device,
+                        warmup=5, repeats=20).median_ms
                     t0 = time.perf_counter()
                     graphed = GraphedForward(model, s.ids, None, s.features, logits_to_keep=1)
                     row["build_s"] = time.perf_counter() - t0
-                    row["graph_ms"] = median_ms(lambda g=graphed: g(s.features))
+                    row["graph_ms"] = time_fn(lambda i, g=graphed: g(s.features), device, warmup=5,
+                                              repeats=50).median_ms
                     out = graphed(s.features).float().clone()
                 if reference is None:
                     reference = out

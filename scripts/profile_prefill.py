@@ -15,21 +15,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from saisa.bench.setting import PRESETS
 from saisa.bench.systems import build_ours, make_inputs
+from saisa.bench.timing import time_fn
 from saisa.model.graphs import GraphedForward
-
-
-def time_graph(graphed, features, iters=50) -> float:
-    for _ in range(5):
-        graphed(features)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(iters):
-        start.record()
-        graphed(features)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def kernel_table(model, ids, feats, top=25):
@@ -111,7 +98,7 @@ def main() -> None:
         with torch.no_grad():
             g = GraphedForward(model, s.ids, None, s.features, logits_to_keep=1)
             build_s = time.perf_counter() - t0
-            ms = time_graph(g, s.features)
+            ms = time_fn(lambda i, g=g: g(s.features), "cuda", warmup=5, repeats=50).median_ms
             out = g(s.features).float()
             model.optimize_for_inference(fold=False, chunk=None, overlap=False)
             ref = model(input_ids=s.ids, image_features=s.features, logits_to_keep=1).logits.float()

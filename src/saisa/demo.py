@@ -37,7 +37,6 @@ from typing import Any
 MARGIN = 0.10  # accuracy points over the majority-answer baseline that count as "clearly above chance"
 STAGE_RECIPES = ("demo-stage1.yaml", "demo-stage2.yaml")
 MAX_NEW_TOKENS = 6  # the longest answer, "bottom right", is 2 tokens + <|im_end|>
-MIX_FILE = "train_mix.json"
 DEPENDENCE_RECORDS = 120  # test answers scored with right and swapped images (two teacher-forced passes: ~25 s)
 
 logger = logging.getLogger(__name__)
@@ -98,7 +97,7 @@ def load_stage_recipes(args: argparse.Namespace) -> tuple[Any, Any]:
 def prepare_data(folder: Path, n: int, seed: int, n_test: int) -> dict[str, Any]:
     """The shapes set in `folder` (reused when synth_meta.json says it has this size, seed and test size), with
     train_mix.json: every scene's caption record and QA record, in one file for stage 2."""
-    from saisa.data.synth import generate
+    from saisa.data.synth import MIX_FILE, generate
 
     meta_path, meta = folder / "synth_meta.json", None
     if meta_path.is_file():

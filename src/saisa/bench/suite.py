@@ -106,39 +106,31 @@ class Suite:
 
     # -- inference sections
     def inference(self, section: str, system: System, batch: int, t: int) -> None:
+        """prefill, ttft or throughput of one system (decode: `decode_interleaved`)."""
+        if section not in ("prefill", "ttft", "throughput"):
+            raise ValueError(f"Suite.inference times prefill, ttft and throughput, not {section!r}")
         s, spec, vspec = self.setting, llm_spec(self.setting.text_config), vision_spec(self.setting.vision_config)
         entry = {"section": section, "system": system.name, "arch": system.arch, "batch": batch, "text_tokens": t}
-        if section == "decode":
-            entry["context"] = vspec.num_tokens + t
 
         def body(entry):
             sets = make_inputs(s, batch, t, self.device, seed=batch * 1000 + t)
             with PeakMemory(self.device) as mem, torch.no_grad():
                 system.prepare(batch, t, sets)
-                if section == "decode":
-                    system.start_decode()
-                    fn, repeats = system.decode_step, self.reps.decode_repeats
-                else:
-                    fn = system.ttft if section == "ttft" else system.prefill
-                    repeats = self.reps.throughput_repeats if section == "throughput" else self.reps.repeats
+                fn = system.ttft if section == "ttft" else system.prefill
+                repeats = self.reps.throughput_repeats if section == "throughput" else self.reps.repeats
                 timing = time_fn(lambda i: fn(), self.device, warmup=self.reps.warmup, repeats=repeats)
                 if section == "prefill" and (batch, t) == (1, s.text_tokens[0]):
                     system._k = 0  # the first input set, for the cross-system check
                     self.logits[system.name] = system.prefill()[:, -1].float().clone()
             entry.update(status="ok", method=system.method)
-            if section == "decode":
-                flops = decode_flops(spec, vspec.num_tokens + t, batch)
-                nbytes = system.llm_bytes() + kv_bytes(spec, vspec.num_tokens + t + 1, batch, self.element)
-                entry["tokens_per_s"] = batch / (timing.median_ms * 1e-3)
-            else:
-                f = FLOPS_FUNCTIONS[system.arch](spec, vspec, t)
-                flops = batch * f.total + lm_head_flops(spec, batch)
-                nbytes = (system.llm_bytes() + kv_bytes(spec, vspec.num_tokens + t, batch, self.element)
-                          + sets[0].features.numel() * self.element)
-                if section == "ttft":
-                    flops += vision_tower_flops(s.vision_config, batch)
-                    nbytes += tensor_bytes(system.tower().parameters()) + sets[0].pixels.numel() * self.element
-                entry["samples_per_s"] = batch / (timing.median_ms * 1e-3)
+            f = FLOPS_FUNCTIONS[system.arch](spec, vspec, t)
+            flops = batch * f.total + lm_head_flops(spec, batch)
+            nbytes = (system.llm_bytes() + kv_bytes(spec, vspec.num_tokens + t, batch, self.element)
+                      + sets[0].features.numel() * self.element)
+            if section == "ttft":
+                flops += vision_tower_flops(s.vision_config, batch)
+                nbytes += tensor_bytes(system.tower().parameters()) + sets[0].pixels.numel() * self.element
+            entry["samples_per_s"] = batch / (timing.median_ms * 1e-3)
             self.record(entry, timing, flops, nbytes, mem, system.own_bytes())
 
         self.guarded(entry, body, system.release)

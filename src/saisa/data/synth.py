@@ -52,6 +52,7 @@ ANSWER_VOCAB: dict[str, tuple[str, ...]] = {
     "relation": ("yes", "no"),
     "existence": ("yes", "no"),
 }
+MIX_FILE = "train_mix.json"  # captions + QA records of the train scenes, for a stage 2 on both
 SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."  # LLaVA-1.5's short-answer instruction
 CAPTION_PROMPT = "Describe the image briefly."
 
@@ -335,7 +336,7 @@ def generate(out: str | Path, n: int, seed: int, *, n_test: int | None = None, i
                         "answer": answer, "objects": _objects(scene),
                         "conversations": [_human(question, True), {"from": "gpt", "value": answer}]})
 
-    files = (("train_caption.json", captions), ("train_qa.json", train_qa), ("train_mix.json", captions + train_qa),
+    files = (("train_caption.json", captions), ("train_qa.json", train_qa), (MIX_FILE, captions + train_qa),
              ("test_qa.json", test_qa))
     for name, records in files:
         (out / name).write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")

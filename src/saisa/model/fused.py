@@ -56,7 +56,7 @@ def text_layer_tensors(layer: nn.Module) -> TextLayer:
     )
 
 
-def _rms(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """transformers' LlamaRMSNorm as a function: normalise in fp32, cast back, then scale (weight None: no scale)."""
     x32 = x.float()
     normed = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
@@ -65,8 +65,8 @@ def _rms(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tens
 
 def text_layer_step(
     hidden: torch.Tensor,  # (B, T, h)
-    vis_k: torch.Tensor,  # (B, Sv, Hkv, D) rotated visual keys of this layer, or (B, Sv + T, Hkv, D): see below
-    vis_v: torch.Tensor,  # (B, Sv, Hkv, D) or (B, Sv + T, Hkv, D)
+    vis_k: torch.Tensor,  # (B, Sv + T, Hkv, D): this layer's rotated visual keys, then room for the T text keys
+    vis_v: torch.Tensor,  # (B, Sv + T, Hkv, D)
     mask: torch.Tensor,  # (B, 1, T, Sv + T) bool
     cos: torch.Tensor,  # (B, T, D)
     sin: torch.Tensor,
@@ -76,34 +76,33 @@ def text_layer_step(
 ) -> torch.Tensor:
     """One NAAViT layer for text queries: attention over [visual; text] keys, then the FFN. Returns (B, T, h).
 
-    Keys and values stay in (B, S, H, D) layout, so attention reads transposed views. When vis_k/vis_v have room
-    for the text rows (Sv + T rows, from `visual_kv_chunk(text_len=T)`), this layer's text keys/values are written
-    into their last T rows in place and attention reads the buffers as they are; otherwise the visual rows are
-    copied into a new [visual; text] tensor, which cost ~28 us per layer at Sv = 576 on an H100.
+    Keys and values stay in (B, S, H, D) layout, so attention reads transposed views. vis_k/vis_v come from
+    `visual_kv_chunk(text_len=T)`: this layer's text keys/values are written into their last T rows in place and
+    attention reads the buffers as they are (a new [visual; text] tensor per layer cost ~28 us at Sv = 576 on an
+    H100, copying the visual rows again).
     """
     b, t, _ = hidden.shape
-    x = _rms(hidden, w.ln1, eps)
+    x = rms_norm(hidden, w.ln1, eps)
     q = F.linear(x, w.wq, w.bq).view(b, t, -1, head_dim)
     k = F.linear(x, w.wk, w.bk).view(b, t, -1, head_dim)
     v = F.linear(x, w.wv, w.bv).view(b, t, -1, head_dim)
     if w.qn is not None:
-        q, k = _rms(q, w.qn, eps), _rms(k, w.kn, eps)
+        q, k = rms_norm(q, w.qn, eps), rms_norm(k, w.kn, eps)
     cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    if vis_k.shape[1] == mask.shape[-1]:  # buffers with room for the text rows
-        vis_k[:, -t:] = k
-        vis_v[:, -t:] = v
-        k, v = vis_k.transpose(1, 2), vis_v.transpose(1, 2)  # (B, Hkv, Sv + T, D) views
-    else:
-        k = torch.cat([vis_k, k], dim=1).transpose(1, 2)
-        v = torch.cat([vis_v, v], dim=1).transpose(1, 2)
+    if vis_k.shape[1] != mask.shape[-1]:
+        raise ValueError(f"visual keys have {vis_k.shape[1]} rows; expected Sv + T = {mask.shape[-1]} "
+                         "(visual_kv_chunk(text_len=T) leaves room for the text rows)")
+    vis_k[:, -t:] = k
+    vis_v[:, -t:] = v
+    k, v = vis_k.transpose(1, 2), vis_v.transpose(1, 2)  # (B, Hkv, Sv + T, D) views
     q = q.transpose(1, 2)
     rep = q.shape[1] // k.shape[1]
     if rep > 1:
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=head_dim**-0.5)
     hidden = hidden + F.linear(attn.transpose(1, 2).reshape(b, t, -1), w.wo)
-    x = _rms(hidden, w.ln2, eps)
+    x = rms_norm(hidden, w.ln2, eps)
     return hidden + F.linear(F.silu(F.linear(x, w.wg)) * F.linear(x, w.wu), w.wd)
 
 
@@ -138,7 +137,7 @@ def visual_kv_chunk(
     if x.shape[0] == 1 and layers > 1:
         x = x.expand(layers, -1, -1, -1)
     c, batch, sv, h = x.shape
-    x = _rms(x, None, eps).reshape(c, batch * sv, h)  # the norm's weight is folded into wkv
+    x = rms_norm(x, None, eps).reshape(c, batch * sv, h)  # the norm's weight is folded into wkv
     kv = torch.bmm(x, wkv.transpose(1, 2))
     if bkv is not None:
         kv = kv + bkv.unsqueeze(1)

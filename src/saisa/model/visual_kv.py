@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .decoder import apply_rope
-from .fused import visual_kv_chunk
+from .fused import rms_norm, visual_kv_chunk
 from .naavit import SequenceLayout
 
 
@@ -131,10 +131,8 @@ def stacked_key_value(layers: nn.ModuleList | list, visual: torch.Tensor, cos: t
     attn, norm = first.self_attn, first.input_layernorm
     eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
     c, batch, sv, h = visual.shape
-    x32 = visual.float()
-    normed = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(visual.dtype)  # HF RMSNorm
-    normed = torch.stack([layer.input_layernorm.weight for layer in layers])[:, None, None] * normed
-    normed = normed.reshape(c, batch * sv, h)
+    weights = torch.stack([layer.input_layernorm.weight for layer in layers])[:, None, None]
+    normed = rms_norm(visual, weights, eps).reshape(c, batch * sv, h)
 
     def project(name: str) -> torch.Tensor:  # (c, B, H, Sv, D)
         projs = [getattr(layer.self_attn, name) for layer in layers]
@@ -146,9 +144,8 @@ def stacked_key_value(layers: nn.ModuleList | list, visual: torch.Tensor, cos: t
     key, value = project("k_proj"), project("v_proj")
     if getattr(attn, "k_norm", None) is not None:  # Qwen3: RMSNorm over each head's D, then RoPE
         k_eps = getattr(attn.k_norm, "variance_epsilon", getattr(attn.k_norm, "eps", 1e-6))
-        k32 = key.float()
-        key = (k32 * torch.rsqrt(k32.pow(2).mean(-1, keepdim=True) + k_eps)).to(key.dtype)
-        key = torch.stack([layer.self_attn.k_norm.weight for layer in layers])[:, None, None, None] * key
+        key = rms_norm(key, torch.stack([layer.self_attn.k_norm.weight for layer in layers])[:, None, None, None],
+                       k_eps)
     key = apply_rope(key, cos[None, :, None], sin[None, :, None])
     return list(zip(key.unbind(0), value.unbind(0)))
 
