@@ -26,20 +26,26 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 
-def synth_set(root: Path, scenes: int, test_scenes: int, env: dict[str, str]) -> Path:
-    """OUT/_synth_<scenes>_<test>/synth, written once by `saisa demo --data-only`."""
-    base = root / f"_synth_{scenes}_{test_scenes}"
+def synth_set(root: Path, scenes: int, test_scenes: int, max_objects: str, env: dict[str, str]) -> Path:
+    """OUT/_synth_<scenes>_<test>_<max objects>/synth, written once by `saisa demo --data-only`."""
+    base = root / f"_synth_{scenes}_{test_scenes}_{max_objects}"
     if not (base / "synth" / "synth_meta.json").is_file():
         subprocess.run([sys.executable, "-m", "saisa", "demo", "--data-only", "--out", str(base),
-                        "--test-scenes", str(test_scenes), "--stage1", f"data.synthesize={scenes}"],
+                        "--test-scenes", str(test_scenes), "--stage1", f"data.synthesize={scenes}",
+                        "--stage1", f"data.synth_max_objects={max_objects}"],
                        check=True, env=env, stdout=subprocess.DEVNULL)
     return base / "synth"
+
+
+def max_objects(extra: list[str]) -> str:
+    """The variant's data.synth_max_objects override, or the set's default (6)."""
+    return next((a.split("=", 1)[1] for a in extra if a.startswith("data.synth_max_objects=")), "6")
 
 
 def run_variant(name: str, scenes: int, extra: list[str], args: argparse.Namespace, env: dict[str, str]
                 ) -> dict:
     out = Path(args.out) / name
-    synth = synth_set(Path(args.out), scenes, args.test_scenes, env)
+    synth = synth_set(Path(args.out), scenes, args.test_scenes, max_objects(extra), env)
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(synth, out / "synth")
     extra = [a.replace("@synth/", str(out / "synth") + "/") for a in extra]
@@ -98,8 +104,8 @@ def main() -> int:
     root = Path(args.out)
     root.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    for scenes in sorted({variants[n][0] for n in names}):  # sets first, so variants do not race to write them
-        synth_set(root, scenes, args.test_scenes, env)
+    for scenes, objects in sorted({(variants[n][0], max_objects(variants[n][1])) for n in names}):
+        synth_set(root, scenes, args.test_scenes, objects, env)  # sets first, so variants do not race to write them
     done: list[dict] = []
 
     def one(name: str) -> dict:

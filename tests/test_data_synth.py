@@ -157,3 +157,15 @@ def test_synth_files_feed_the_dataset(synth_dir, name, template):
 def test_bad_arguments_exit_code(tmp_path, capsys):
     assert synth_main(tmp_path, 0, seed=0) == 2
     assert "n (train scenes) must be >= 1" in capsys.readouterr().err
+
+
+def test_max_objects_bounds_the_scenes(tmp_path, capsys):
+    assert synth_main(tmp_path / "easy", 30, seed=5, n_test=60, image_size=48, max_objects=2) == 0
+    records = _load(tmp_path / "easy", "train_qa.json") + _load(tmp_path / "easy", "test_qa.json")
+    sizes = {len(r["objects"]) for r in records}
+    assert sizes == {1, 2}  # both sizes drawn, never more than 2
+    assert json.loads((tmp_path / "easy" / "synth_meta.json").read_text())["max_objects"] == 2
+    for record in _load(tmp_path / "easy", "test_qa.json"):
+        assert _check_answer(record) == record["answer"]
+    assert synth_main(tmp_path / "bad", 4, seed=0, max_objects=7) == 2
+    assert "max_objects must be in 1..6" in capsys.readouterr().err

@@ -94,24 +94,25 @@ def load_stage_recipes(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 # ------------------------------------------------------------------------------------------------------ data
-def prepare_data(folder: Path, n: int, seed: int, n_test: int) -> dict[str, Any]:
-    """The shapes set in `folder` (reused when synth_meta.json says it has this size, seed and test size), with
-    train_mix.json: every scene's caption record and QA record, in one file for stage 2."""
+def prepare_data(folder: Path, n: int, seed: int, n_test: int, max_objects: int = 6) -> dict[str, Any]:
+    """The shapes set in `folder` (reused when synth_meta.json says it has this size, seed, test size and object
+    range), with train_mix.json: every scene's caption record and QA record, in one file for stage 2."""
     from saisa.data.synth import MIX_FILE, generate
 
     meta_path, meta = folder / "synth_meta.json", None
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        if (meta.get("n_train"), meta.get("seed"), meta.get("n_test")) == (n, seed, n_test):
+        if (meta.get("n_train"), meta.get("seed"), meta.get("n_test"), meta.get("max_objects", 6)) == (
+                n, seed, n_test, max_objects):
             logger.info("reusing the synthetic set in %s", folder)
         else:
             shutil.rmtree(folder)
             meta = None
     if meta is None:
-        meta = generate(folder, n=n, seed=seed, n_test=n_test)
+        meta = generate(folder, n=n, seed=seed, n_test=n_test, max_objects=max_objects)
     if not (folder / MIX_FILE).is_file():  # a set written before synth wrote the mix itself
         shutil.rmtree(folder)
-        meta = generate(folder, n=n, seed=seed, n_test=n_test)
+        meta = generate(folder, n=n, seed=seed, n_test=n_test, max_objects=max_objects)
     return meta
 
 
@@ -288,7 +289,8 @@ def run(args: argparse.Namespace) -> int:
     out, synth = Path(args.out), Path(first.data.json).parent
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    prepare_data(synth, n=first.data.synthesize or 96, seed=first.seed, n_test=args.test_scenes)
+    prepare_data(synth, n=first.data.synthesize or 96, seed=first.seed, n_test=args.test_scenes,
+                 max_objects=first.data.synth_max_objects)
     synth_seconds = time.perf_counter() - t0
     if args.data_only:
         print(f"saisa demo: data in {synth} ({first.data.json}, {second.data.json}, test_qa.json)")

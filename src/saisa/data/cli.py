@@ -13,6 +13,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--n-test", type=int, help="held-out test questions (default max(6, n // 5))")
     synth.add_argument("--image-size", type=int, default=224)
+    synth.add_argument("--max-objects", type=int, default=6, help="shapes per scene are 1..this (default 6)")
     check = sub.add_parser("check", help="report missing/corrupt images, fully-masked and over-long samples")
     check.add_argument("data", help="LLaVA-format JSON / JSONL file")
     check.add_argument("--image-folder", help="folder the JSON's image paths are relative to")
@@ -26,7 +27,8 @@ def run(args: argparse.Namespace) -> int:
     if args.data_command == "synth":
         from saisa.data.synth import synth_main
 
-        return synth_main(args.out, args.n, args.seed, n_test=args.n_test, image_size=args.image_size)
+        return synth_main(args.out, args.n, args.seed, n_test=args.n_test, image_size=args.image_size,
+                          max_objects=args.max_objects)
     from saisa.data.check import check_main
 
     return check_main(args.data, args.image_folder, args.tokenizer, args.template, args.max_length,

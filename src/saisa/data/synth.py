@@ -92,8 +92,8 @@ class Scene:
 # scenes and pictures
 
 
-def random_scene(rng: np.random.Generator) -> Scene:
-    n = int(rng.integers(1, MAX_OBJECTS + 1))
+def random_scene(rng: np.random.Generator, max_objects: int = MAX_OBJECTS) -> Scene:
+    n = int(rng.integers(1, max_objects + 1))
     cells = sorted(int(c) for c in rng.choice(9, size=n, replace=False))
     kinds = rng.choice(len(COLOURS) * len(SHAPES), size=n, replace=False)  # distinct (colour, shape) pairs
     colours = list(COLOURS)
@@ -285,10 +285,13 @@ def _human(question: str, with_image: bool) -> dict[str, str]:
 
 
 def generate(out: str | Path, n: int, seed: int, *, n_test: int | None = None, image_size: int = 224,
-             questions_per_scene: int = 3) -> dict[str, Any]:
-    """Write the set under `out` (see the module docstring); return its metadata (also in synth_meta.json)."""
+             questions_per_scene: int = 3, max_objects: int = MAX_OBJECTS) -> dict[str, Any]:
+    """Write the set under `out` (see the module docstring); return its metadata (also in synth_meta.json).
+    `max_objects` < 6 draws easier scenes (1..max_objects shapes); the answer vocabulary stays the same."""
     if n < 1:
         raise ValueError(f"n (train scenes) must be >= 1, got {n}")
+    if not 1 <= max_objects <= MAX_OBJECTS:
+        raise ValueError(f"max_objects must be in 1..{MAX_OBJECTS}, got {max_objects}")
     n_test = max(len(CATEGORIES), n // 5) if n_test is None else n_test
     if n_test < 0 or not 1 <= questions_per_scene <= len(CATEGORIES):
         raise ValueError(f"need n_test >= 0 and 1 <= questions_per_scene <= {len(CATEGORIES)}")
@@ -299,9 +302,9 @@ def generate(out: str | Path, n: int, seed: int, *, n_test: int | None = None, i
     rng, train_layouts = _rng(seed, 0), set()
     captions, train_qa = [], []
     for i in range(n):
-        scene = random_scene(rng)
+        scene = random_scene(rng, max_objects)
         while scene.layout in train_layouts:
-            scene = random_scene(rng)
+            scene = random_scene(rng, max_objects)
         train_layouts.add(scene.layout)
         image = f"images/train/{i:06d}.png"
         render(scene, image_size).save(out / image)
@@ -322,7 +325,7 @@ def generate(out: str | Path, n: int, seed: int, *, n_test: int | None = None, i
     for i in range(n_test):
         cat = CATEGORIES[i % len(CATEGORIES)]  # categories balanced in the test split
         while True:
-            scene = random_scene(rng)
+            scene = random_scene(rng, max_objects)
             if scene.layout in train_layouts or scene.layout in test_layouts:
                 continue
             qa = ask(cat, scene, rng)
@@ -341,7 +344,7 @@ def generate(out: str | Path, n: int, seed: int, *, n_test: int | None = None, i
     for name, records in files:
         (out / name).write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
     meta = {
-        "seed": seed, "n_train": n, "n_test": n_test, "image_size": image_size,
+        "seed": seed, "n_train": n, "n_test": n_test, "image_size": image_size, "max_objects": max_objects,
         "questions_per_scene": questions_per_scene, "answer_vocab": {c: list(v) for c, v in ANSWER_VOCAB.items()},
         "test_category_counts": dict(Counter(r["category"] for r in test_qa)),
         "chance_majority": chance_accuracy(test_qa, "majority") if test_qa else {},
@@ -352,10 +355,11 @@ def generate(out: str | Path, n: int, seed: int, *, n_test: int | None = None, i
 
 
 def synth_main(out: str | Path, n: int, seed: int = 0, *, n_test: int | None = None, image_size: int = 224,
-               questions_per_scene: int = 3) -> int:
+               questions_per_scene: int = 3, max_objects: int = MAX_OBJECTS) -> int:
     """`saisa data synth` backend: write the set, print a summary; exit code 0, or 2 for bad arguments."""
     try:
-        meta = generate(out, n, seed, n_test=n_test, image_size=image_size, questions_per_scene=questions_per_scene)
+        meta = generate(out, n, seed, n_test=n_test, image_size=image_size, questions_per_scene=questions_per_scene,
+                        max_objects=max_objects)
     except ValueError as e:
         print(f"saisa data synth: {e}", file=sys.stderr)
         return 2

@@ -62,6 +62,8 @@ class DataConfig:
     synthesize: int | None = None
     """If set and `json` does not exist: write the synthetic shapes set (saisa.data.synth, this many training
     scenes, seeded by `seed`) into the JSON's folder first; it holds train_caption.json and train_qa.json."""
+    synth_max_objects: int = 6
+    """Shapes per synthesized scene are 1..this (the set's full range is 1-6)."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -452,7 +452,7 @@ def setup(recipe: TrainRecipe) -> TrainSetup:
             if not path.exists():
                 from saisa.data.synth import generate
 
-                generate(path.parent, n=data.synthesize, seed=recipe.seed)
+                generate(path.parent, n=data.synthesize, seed=recipe.seed, max_objects=data.synth_max_objects)
     if not path.exists():
         raise FileNotFoundError(f"data.json={str(path)!r} does not exist")
     dataset = ConversationDataset.from_json(
