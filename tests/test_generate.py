@@ -120,6 +120,27 @@ def test_batch_of_mixed_prompts_equals_each_alone(arch, penalty):
         assert (row[len(a):] == 0).all()
 
 
+def test_optimize_for_inference_keeps_prefill_and_decoding():
+    """After optimize_for_inference(compile=True), the engine's cached prefill and decoding (folded visual K/V,
+    fused.visual_kv_chunk) give the logits they gave before, and the cache-less fused forward (one k/v GEMM over
+    visual and text rows per layer) gives the engine's last-token prefill logits, on a left-padded batch."""
+    model = tiny_model("saisa")
+    ids, mask = left_pad([prompt(12, seed=30, image_at=(2, 7)), prompt(9, seed=31, image_at=(1, 5))])
+    pixels = random_pixels(4, seed=6)
+    opts = {"attention_mask": mask, "pixel_values": pixels, "max_new_tokens": 5, "eos_token_id": [],
+            "pad_token_id": 0, "return_dict_in_generate": True, "output_logits": True}
+    before = generate(model, ids, **opts)
+    with torch.no_grad():
+        model.optimize_for_inference(chunk=1, compile=True, compile_backend="eager")
+        assert model._fused is not None
+        prefill = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, logits_to_keep=1).logits[:, -1]
+    after = generate(model, ids, **opts)
+    assert after.sequences.tolist() == before.sequences.tolist()
+    for a, b in zip(after.logits, before.logits):
+        assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert_close(prefill, before.logits[0], atol=1e-4, rtol=1e-4)
+
+
 def test_prompt_ending_with_an_image_is_a_clear_error():
     model = tiny_model("saisa")
     with pytest.raises(ValueError, match="ends with an image placeholder"):

@@ -24,8 +24,10 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-@pytest.mark.parametrize("arch", ["saisa", "naavit", "llava"])
-def test_graphed_fast_path_matches_reference(arch):
+@pytest.mark.parametrize("arch,compile", [("saisa", False), ("saisa", True), ("naavit", False), ("llava", False)])
+def test_graphed_fast_path_matches_reference(arch, compile):
+    """compile=True: the inductor-compiled path (fused.py: visual inputs on the side stream, one k/v GEMM over each
+    layer's visual and text rows), captured in the CUDA graph."""
     model = _model(arch)
     ids = random_ids(40, seed=1)
     ids[5] = IMAGE_TOKEN_ID
@@ -33,7 +35,8 @@ def test_graphed_fast_path_matches_reference(arch):
     feats = torch.randn(1, model.num_visual_tokens, 24, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         ref = model(input_ids=ids, image_features=feats).logits[:, -1:].float()
-        model.optimize_for_inference(fold=True, chunk=2, overlap=True)
+        model.optimize_for_inference(fold=True, chunk=2, overlap=True, compile=compile)
+        assert (model._fused is not None) == compile
         eager_fast = model(input_ids=ids, image_features=feats).logits[:, -1:].float()
         graphed = GraphedForward(model, ids, image_features=feats)
         out = graphed(feats).float()
@@ -45,3 +48,25 @@ def test_graphed_fast_path_matches_reference(arch):
     assert _rel(out, ref) < 2e-2
     assert _rel(out2, ref2) < 2e-2
     assert _rel(out2, out) > 1e-3, "replay must see the new image features"
+
+
+def test_graphed_compiled_path_on_a_padded_batch():
+    """The compiled merged-k/v path at batch 2 (left padding, one image per row at different places), eager and
+    captured, against the reference path."""
+    model = _model("saisa")
+    rows = [random_ids(30, seed=2), random_ids(22, seed=3)]
+    rows[0][4], rows[1][10] = IMAGE_TOKEN_ID, IMAGE_TOKEN_ID
+    ids = torch.zeros(2, 30, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, r in enumerate(rows):
+        ids[b, 30 - len(r):], mask[b, 30 - len(r):] = r, 1
+    ids, mask = ids.cuda(), mask.cuda()
+    feats = torch.randn(2, model.num_visual_tokens, 24, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, image_features=feats).logits[:, -1:].float()
+        model.optimize_for_inference(fold=True, chunk=1, overlap=True, compile=True)
+        eager_fast = model(input_ids=ids, attention_mask=mask, image_features=feats).logits[:, -1:].float()
+        graphed = GraphedForward(model, ids, mask, image_features=feats)
+        out = graphed(feats).float()
+    assert _rel(eager_fast, ref) < 2e-2
+    assert _rel(out, ref) < 2e-2

@@ -327,9 +327,8 @@ def test_unsupported_backbone_is_a_clear_error():
 
 
 def test_visual_path_never_runs_visual_ffn_or_visual_queries():
-    """saisa: FFNs and q_proj see text rows only. (The visual rows' K/V use the layers' stacked k/v weights,
-    saisa.model.visual_kv.stacked_key_value, so k_proj as a module sees the text rows; the reference tests check
-    that the visual keys/values are the definition's.)"""
+    """saisa: FFNs and q_proj see text rows only; k_proj sees the v visual rows (all layers' visual K/V are made up
+    front, saisa.model.visual_kv.stacked_key_value), then the text rows."""
     model = tiny_model("saisa")
     ids = with_images(seed=18, length=10, image_at=[3])[None]
     seen = {}
@@ -346,7 +345,7 @@ def test_visual_path_never_runs_visual_ffn_or_visual_queries():
         model(input_ids=ids, pixel_values=random_pixels(1))
     for h in handles:
         h.remove()
-    assert seen["mlp"] == [10] and seen["q"] == [10] and seen["k"] == [10]
+    assert seen["mlp"] == [10] and seen["q"] == [10] and seen["k"] == [model.num_visual_tokens, 10]
 
 
 @pytest.mark.parametrize("fold,chunk", [(True, None), (True, 1), (False, 1), (True, 3)])
@@ -393,3 +392,71 @@ def test_compiled_fused_path_computes_the_same_function(backbone, sharing):
         model.train().eval()  # drops the fast path
         ref_both = model(input_ids=mixed, attention_mask=mask, pixel_values=random_pixels(3)).logits
     assert_close(both, ref_both, atol=1e-5, rtol=1e-5)
+
+
+def _left_padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.zeros(len(rows), max(len(r) for r in rows), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, r in enumerate(rows):
+        ids[b, ids.shape[1] - len(r):], mask[b, ids.shape[1] - len(r):] = r, 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("backbone,kv", [("llama", 2), ("llama", 4), ("qwen2", 2)])
+@pytest.mark.parametrize("chunk", [None, 1])
+def test_merged_kv_gemm_on_a_padded_batch(backbone, kv, chunk):
+    """fused.text_layer_step projects each layer's visual and text rows in ONE GEMM with the folded k/v weights
+    (GQA, MHA, k/v biases): on a left-padded batch whose rows hold two images each (placeholder rows dropped), its
+    text rows equal the reference path's."""
+    model = tiny_model("saisa", text=tiny_text_config(backbone, num_kv_heads=kv, num_hidden_layers=3))
+    ids, mask = _left_padded([with_images(seed=23, length=12, image_at=[1, 6]),
+                              with_images(seed=24, length=8, image_at=[0, 5])])
+    pixels = random_pixels(4)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+        model.optimize_for_inference(chunk=chunk, compile=True, compile_backend="eager")
+        steps = []
+        text = model._fused.text
+        model._fused.text = lambda *a: steps.append(a[2].shape) or text(*a)
+        fast = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+    assert model.layout(ids, mask, 4).text_columns is not None, "rows with equal image counts drop placeholders"
+    v = model.num_visual_tokens
+    assert steps == [torch.Size([2, 2 * v + 10, 32])] * 3, "each layer's buffer: Sv visual rows, then T text rows"
+    keep = mask.bool() & (ids != IMAGE_TOKEN_ID)
+    assert_close(fast[keep], ref[keep], atol=1e-5, rtol=1e-5)
+
+
+def test_text_step_needs_room_for_the_text_rows():
+    from saisa.model.fused import text_layer_step, text_layer_tensors
+    from saisa.model.visual_kv import fold_kv_weights
+
+    model = tiny_model("saisa")
+    layer = model.layers[0]
+    folded = fold_kv_weights(model.layers)
+    hidden = torch.randn(1, 5, 32)
+    cos = torch.ones(1, 9, 8)
+    with pytest.raises(ValueError, match="expected Sv \\+ T = 9"):
+        text_layer_step(hidden, torch.zeros_like(hidden), torch.zeros(1, 4, 32), torch.zeros(1, 1, 5, 9), cos,
+                        cos, text_layer_tensors(layer, folded.weight[0], None), folded.eps, folded.head_dim)
+
+
+@pytest.mark.slow
+def test_inductor_compiled_merged_path_on_cpu():
+    """The same path through inductor (CPU kernels): the in-place write of the text rows into each layer's buffer
+    and the merged k/v GEMM lower to the function the eager trace computes."""
+    import shutil
+
+    if shutil.which("g++") is None and shutil.which("clang++") is None:
+        pytest.skip("inductor's CPU backend needs a C++ compiler")
+    model = tiny_model("saisa", text=tiny_text_config(num_hidden_layers=3))
+    ids, mask = _left_padded([with_images(seed=25, length=10, image_at=[2]),
+                              with_images(seed=26, length=7, image_at=[4])])
+    pixels = random_pixels(2)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+        model.optimize_for_inference(chunk=2, compile=True, compile_backend="inductor")
+        fast = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+        again = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+    keep = mask.bool() & (ids != IMAGE_TOKEN_ID)
+    assert_close(fast[keep], ref[keep], atol=1e-5, rtol=1e-5)
+    assert_close(again, fast, atol=0, rtol=0)

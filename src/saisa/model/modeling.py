@@ -27,9 +27,9 @@ from saisa.config import SaisaConfig
 from .cache import SaisaCache
 from .decoder import attention_block, check_decoder, feed_forward, query_key_value
 from .naavit import SequenceLayout, build_layout, naavit_mask
-from .fused import TextLayer, supports_fused, text_layer_step, text_layer_tensors, visual_kv_chunk
+from .fused import TextLayer, supports_fused, text_layer_step, text_layer_tensors, visual_inputs_chunk
 from .projector import LayerProjectors, MultiModalProjector, StackedLinear
-from .visual_kv import FoldedKV, _place, fold_kv_weights, saisa_visual_kv
+from .visual_kv import FoldedKV, _place, fold_kv_weights, saisa_visual_inputs, saisa_visual_kv
 
 IGNORE_INDEX = -100
 
@@ -127,7 +127,9 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         fold: stack every layer's visual k/v projection with its input-norm weight folded in (costs 2·n·h·k
         weights of memory). chunk: layers per batched visual step (None = all). overlap: on CUDA, run the visual
         path on a side stream so it overlaps the text layers. compile: run the text layers and visual chunks
-        through `torch.compile`d pure functions (fused.py), traced once for all layers; needs `fold`. dynamic:
+        through `torch.compile`d pure functions (fused.py), traced once for all layers: the visual chunks stop at
+        each layer's normalised inputs, and each text layer projects them with its text rows in one GEMM with the
+        folded k/v weights (so `compile` implies `fold`); prefill without a cache only. dynamic:
         passed to torch.compile (False: one compile per shape, whose kernels index without 64-bit divisions; with
         dynamic shapes the visual RoPE kernel ran 10x under bandwidth on an H100).
         """
@@ -146,10 +148,14 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
             # One entry per (batch, length) shape with dynamic=False; the default limit (8) would silently fall
             # back to eager on a serving mix of shapes.
             dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, 64)
+            folded = self._folded_kv
             self._fused = FusedPath(
                 text=torch.compile(text_layer_step, dynamic=dynamic, backend=compile_backend),
-                visual=torch.compile(visual_kv_chunk, dynamic=dynamic, backend=compile_backend),
-                layers=[text_layer_tensors(layer) for layer in self.layers],
+                visual=torch.compile(visual_inputs_chunk, dynamic=dynamic, backend=compile_backend),
+                layers=[
+                    text_layer_tensors(layer, folded.weight[i], None if folded.bias is None else folded.bias[i])
+                    for i, layer in enumerate(self.layers)
+                ],
             )
 
     def train(self, mode: bool = True):
@@ -325,7 +331,10 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         for i, layer in enumerate(self.layers):
             if events and events[i] is not None:
                 torch.cuda.current_stream().wait_event(events[i])
-            step = (layer, hidden, vis_h, vis_kv[i] if vis_kv else None, cos, sin, vis_cos, vis_sin, mask, cache, i)
+            layer_kv = None
+            if vis_kv:  # taken out of the list: freed after this layer (attention keeps its own [visual; text] copy)
+                layer_kv, vis_kv[i] = vis_kv[i], None
+            step = (layer, hidden, vis_h, layer_kv, cos, sin, vis_cos, vis_sin, mask, cache, i)
             if self.gradient_checkpointing and self.training:
                 hidden, vis_h = checkpoint(self._layer, *step, use_reentrant=False)
             else:
@@ -333,7 +342,8 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         return hidden[:, n_vis:] if llava else hidden
 
     def _decode_fused(self, text_h, features, layout, mask, cos, sin, vis_cos, vis_sin) -> torch.Tensor:
-        """saisa inference through the compiled functions: visual chunks (optionally on a side stream), then text."""
+        """saisa inference through the compiled functions: each layer's normalised visual inputs (chunks, optionally
+        on a side stream), then per layer ONE k/v GEMM over its visual and text rows, attention and FFN."""
         fused, folded = self._fused, self._folded_kv
         eps, head_dim = folded.eps, folded.head_dim
         cols = layout.text_columns
@@ -346,16 +356,20 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
             mask = mask.gather(2, cols[:, None, :, None].expand(-1, 1, -1, mask.shape[-1]))
             mask = mask.gather(3, key_cols[:, None, None, :].expand(-1, 1, mask.shape[2], -1))
         stream = self._visual_stream if text_h.is_cuda else None
-        kv, events = saisa_visual_kv(
-            self.layers, self.multi_modal_projector, features, layout, vis_cos, vis_sin, folded=folded,
-            chunk=self.visual_kv_chunk, stream=stream, folded_fn=fused.visual, heads_first=False,
-            text_len=hidden.shape[1],
-        )
+        inputs, events = saisa_visual_inputs(
+            len(self.layers), self.multi_modal_projector, features, layout, eps, hidden.shape[1],
+            chunk=self.visual_kv_chunk, stream=stream, fn=fused.visual,
+        )  # each (B, Sv + T, h)
+        key_cos, key_sin = torch.cat([vis_cos, cos], dim=1), torch.cat([vis_sin, sin], dim=1)  # (B, Sv + T, D)
+        # The float mask SDPA would make from the boolean one in every layer, made once.
+        attn_bias = torch.zeros(mask.shape, dtype=hidden.dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+        delta = torch.zeros_like(hidden)
         main = torch.cuda.current_stream() if stream is not None else None
         for i, weights in enumerate(fused.layers):
             if events[i] is not None:
                 main.wait_event(events[i])
-            hidden = fused.text(hidden, kv[i][0], kv[i][1], mask, cos, sin, weights, eps, head_dim)
+            hidden, delta = fused.text(hidden, delta, inputs[i], attn_bias, key_cos, key_sin, weights, eps, head_dim)
+        hidden = hidden + delta
         if cols is not None:  # placeholder rows come back as zeros (their logits carry no meaning)
             hidden = text_h.new_zeros(text_h.shape).scatter(1, cols.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]),
                                                             hidden)

@@ -70,8 +70,10 @@ class LayerProjectors(nn.Module):
     def num_mlps(self) -> int:
         return self.linear_1.n
 
-    def forward(self, features: torch.Tensor, layers: slice | None = None) -> torch.Tensor:
-        """Z (N, v, d) -> V (n_layers, N, v, h), or only the layers in `layers` (a slice)."""
+    def forward(self, features: torch.Tensor, layers: slice | None = None, expand: bool = True) -> torch.Tensor:
+        """Z (N, v, d) -> V (n_layers, N, v, h), or only the layers in `layers` (a slice). A shared MLP's output is
+        broadcast to them as a view; with expand=False it stays (1, N, v, h), for callers that broadcast it later
+        (indexing or normalising the broadcast view would make a copy per layer)."""
         num_images, v, _ = features.shape
         layers = layers or slice(0, self.n_layers)
         count = len(range(self.n_layers)[layers])
@@ -82,7 +84,7 @@ class LayerProjectors(nn.Module):
             w2, b2 = _take(self.linear_2, None if shared else layers)
             x = _stacked(self.act(x), w2, b2)  # (c, N*v, h)
         x = x.view(x.shape[0], num_images, v, -1)
-        if shared and count > 1:
+        if shared and count > 1 and expand:
             x = x.expand(count, -1, -1, -1)  # shared MLP: a view, no copy
         return x  # (count, N, v, h)
 

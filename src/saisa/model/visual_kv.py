@@ -3,8 +3,10 @@
 Unusual here: visual work does not depend on the text, so it is done before any text layer runs, a chunk of layers
 at a time: one bmm per projector linear for the chunk, then the keys/values. For inference, `fold_kv_weights` stacks
 each layer's k_proj/v_proj with its input-norm weight folded in, so a chunk's K/V is one more bmm and the RMS scale,
-RoPE and the copies are done once for all the chunk's layers (fused.visual_kv_chunk) instead of per layer. On CUDA the chunks can run on a
-side stream with one event per chunk, so the compute-bound visual path overlaps the memory-bound text layers.
+RoPE and the copies are done once for all the chunk's layers (fused.visual_kv_chunk) instead of per layer. The
+compiled prefill stops earlier (`saisa_visual_inputs`): each layer's normalised visual inputs, which its text step
+projects together with the text rows. On CUDA the chunks can run on a side stream with one event per chunk, so the
+compute-bound visual path can overlap the memory-bound text layers.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from .decoder import apply_rope
-from .fused import rms_norm, visual_kv_chunk
+from .fused import visual_inputs_chunk, visual_kv_chunk
 from .naavit import SequenceLayout
 
 
@@ -61,6 +64,42 @@ def _place(projected: torch.Tensor, layout: SequenceLayout) -> torch.Tensor:
     return projected[:, layout.image_slots.clamp(min=0)].flatten(2, 3)
 
 
+def _by_chunks(
+    n: int,
+    chunk: int | None,
+    layout: SequenceLayout,
+    stream: torch.cuda.Stream | None,
+    compute: Callable[[slice, torch.Tensor], list],
+) -> tuple[list, list[torch.cuda.Event | None]]:
+    """compute(layers, slots) for each chunk of `chunk` layers (None: all), on `stream` when given: the per-layer
+    results (tensors or tuples of tensors) and per-layer events the text layer must wait on (None when computed on
+    the current stream)."""
+    chunk = chunk or n
+    main = torch.cuda.current_stream() if stream is not None else None
+    # Made on the main stream BEFORE the side stream's wait, and kept alive for it: the side stream reads it
+    # (computed after the wait, or freed on return, it could be read before it is written or after it is reused).
+    slots = layout.image_slots.clamp(min=0)
+    if stream is not None:
+        stream.wait_stream(main)
+        slots.record_stream(stream)
+    out: list = []
+    events: list[torch.cuda.Event | None] = []
+    for start in range(0, n, chunk):
+        sl = slice(start, min(n, start + chunk))
+        with torch.cuda.stream(stream) if stream is not None else nullcontext():
+            part = compute(sl, slots)
+            event = None
+            if stream is not None:
+                for item in part:  # allocated on the side stream, used on the main one
+                    for t in item if isinstance(item, tuple) else (item,):
+                        t.record_stream(main)
+                event = torch.cuda.Event()
+                event.record(stream)
+        out.extend(part)
+        events.extend([event] * len(part))
+    return out, events
+
+
 def saisa_visual_kv(
     layers: nn.ModuleList,
     projector: nn.Module,
@@ -71,83 +110,103 @@ def saisa_visual_kv(
     folded: FoldedKV | None = None,
     chunk: int | None = None,
     stream: torch.cuda.Stream | None = None,
-    folded_fn: Callable = visual_kv_chunk,
-    heads_first: bool = True,
-    text_len: int = 0,
 ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[torch.cuda.Event | None]]:
-    """Per-layer visual (K, V) rotated at the images' positions, (B, Hkv, I*v, D) (or (B, I*v, Hkv, D) with
-    `heads_first=False`, folded path only), and per-layer events the text layer must wait on (None when computed
-    on the current stream). With `folded`, each chunk is `folded_fn` (fused.visual_kv_chunk, or its compiled
-    version), and `text_len` > 0 leaves that many rows after the visual ones for the text keys/values (see
-    fused.text_layer_step); without, the reference: each layer's own input norm, k_proj/v_proj and RoPE."""
-    n = len(layers)
-    chunk = chunk or n
-    main = torch.cuda.current_stream() if stream is not None else None
-    # Made on the main stream BEFORE the side stream's wait, and kept alive for it: the side stream reads it
-    # (computed after the wait, or freed on return, it could be read before it is written or after it is reused).
-    slots = layout.image_slots.clamp(min=0)
-    if stream is not None:
-        stream.wait_stream(main)
-        slots.record_stream(stream)
-    kv: list[tuple[torch.Tensor, torch.Tensor]] = []
-    events: list[torch.cuda.Event | None] = []
-    for start in range(0, n, chunk):
-        sl = slice(start, min(n, start + chunk))
-        with torch.cuda.stream(stream) if stream is not None else nullcontext():
-            if folded is not None:
-                keys, values = folded_fn(
-                    features, slots, *projector_weights(projector, sl), folded.weight[sl],
-                    None if folded.bias is None else folded.bias[sl], cos, sin, sl.stop - sl.start, folded.eps,
-                    folded.head_dim, text_len,
-                )  # (c, B, Sv + text_len, Hkv, D)
-                if heads_first:
-                    keys, values = keys.transpose(2, 3), values.transpose(2, 3)
-                part = list(zip(keys.unbind(0), values.unbind(0)))
-            else:
-                visual = _place(projector(features, layers=sl), layout)  # (c, B, Sv, h)
-                part = stacked_key_value(layers[sl], visual, cos, sin)
-            event = None
-            if stream is not None:
-                for k, v in part:  # allocated on the side stream, used on the main one
-                    k.record_stream(main)
-                    v.record_stream(main)
-                event = torch.cuda.Event()
-                event.record(stream)
-        kv.extend(part)
-        events.extend([event] * len(part))
-    return kv, events
+    """Per-layer visual (K, V) rotated at the images' positions, (B, Hkv, I*v, D), and per-layer events (see
+    `_by_chunks`). With `folded`, each chunk is fused.visual_kv_chunk; without, the reference: each layer's own
+    input norm, k_proj/v_proj and RoPE."""
+
+    def compute(sl: slice, slots: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if folded is None:
+            visual = _place(projector(features, layers=sl, expand=False), layout)  # (c, B, Sv, h), c = 1 if shared
+            return stacked_key_value(layers[sl], visual, cos, sin)
+        keys, values = visual_kv_chunk(
+            features, slots, *projector_weights(projector, sl), folded.weight[sl],
+            None if folded.bias is None else folded.bias[sl], cos, sin, sl.stop - sl.start, folded.eps,
+            folded.head_dim,
+        )  # (c, B, Sv, Hkv, D)
+        return list(zip(keys.transpose(2, 3).unbind(0), values.transpose(2, 3).unbind(0)))
+
+    return _by_chunks(len(layers), chunk, layout, stream, compute)
+
+
+def saisa_visual_inputs(
+    num_layers: int,
+    projector: nn.Module,
+    features: torch.Tensor,
+    layout: SequenceLayout,
+    eps: float,
+    text_len: int,
+    chunk: int | None = None,
+    stream: torch.cuda.Stream | None = None,
+    fn: Callable = visual_inputs_chunk,
+) -> tuple[list[torch.Tensor], list[torch.cuda.Event | None]]:
+    """Per-layer unit-RMS visual inputs of the k/v projections, (B, I*v + text_len, h) with `text_len` rows of room
+    for fused.text_layer_step, and per-layer events (see `_by_chunks`); each chunk is `fn`
+    (fused.visual_inputs_chunk, or its compiled version)."""
+
+    def compute(sl: slice, slots: torch.Tensor) -> list[torch.Tensor]:
+        n = sl.stop - sl.start
+        return list(fn(features, slots, *projector_weights(projector, sl), n, eps, text_len).unbind(0))
+
+    return _by_chunks(num_layers, chunk, layout, stream, compute)
 
 
 def stacked_key_value(layers: nn.ModuleList | list, visual: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
                       ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Each layer's input norm, k_proj/v_proj (+ Qwen3's k norm) and RoPE on its visual tokens (c, B, Sv, h), as
-    batched ops over the c layers (stacked weights, differentiable): (K, V) (B, Hkv, Sv, D) per layer.
+    """Each layer's input norm, k_proj/v_proj (+ Qwen3's k norm) and RoPE on its visual tokens: (K, V)
+    (B, Hkv, Sv, D) per layer. visual: (c, B, Sv, h), one input per layer, or (1, B, Sv, h) shared by the c layers
+    (a stage-1 shared projector); cos/sin (B, Sv, D).
 
-    The same function as `query_key_value(layer, layer.input_layernorm(visual[j]), ...)` layer by layer, which the
-    training path used to run: ~15 small kernels per layer forward and twice that backward (a training step at batch
-    8 was launch-bound), and indexing `visual[j]` made autograd fill and add a full-size gradient per layer.
+    The same function as `query_key_value(layer, layer.input_layernorm(visual[j]), ...)` layer by layer, shaped for
+    training memory: the input norm is one batched op over the c layers that keeps for backward only its input and
+    the fp32 rstd (`_RMSNorm`), and a shared input is normalised once (only the weights gamma_j differ per layer).
+    k_proj/v_proj are each layer's own modules, called per layer: a stacked copy of their weights would be made every
+    step (2 GB at 7B) and kept for backward; called as modules, adapters on them (LoRA) apply. Each layer's K and V
+    are tensors of their own, so the caller can free them layer by layer.
     """
-    first = layers[0]
-    attn, norm = first.self_attn, first.input_layernorm
-    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
-    c, batch, sv, h = visual.shape
-    weights = torch.stack([layer.input_layernorm.weight for layer in layers])[:, None, None]
-    normed = rms_norm(visual, weights, eps).reshape(c, batch * sv, h)
+    gammas = torch.stack([layer.input_layernorm.weight for layer in layers])[:, None, None]  # (c, 1, 1, h)
+    normed = _RMSNorm.apply(visual, gammas, _eps(layers[0].input_layernorm))  # (c, B, Sv, h)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, Sv, D)
+    kv = []
+    for layer, x in zip(layers, normed.unbind(0)):
+        attn = layer.self_attn
+        key = attn.k_proj(x).unflatten(-1, (-1, attn.head_dim))  # (B, Sv, Hkv, D)
+        if getattr(attn, "k_norm", None) is not None:  # Qwen3: RMSNorm over each head's D, then RoPE
+            key = _RMSNorm.apply(key, attn.k_norm.weight, _eps(attn.k_norm))
+        value = attn.v_proj(x).unflatten(-1, (-1, attn.head_dim))
+        kv.append((apply_rope(key.transpose(1, 2), cos, sin), value.transpose(1, 2)))
+    return kv
 
-    def project(name: str) -> torch.Tensor:  # (c, B, H, Sv, D)
-        projs = [getattr(layer.self_attn, name) for layer in layers]
-        out = torch.bmm(normed, torch.stack([p.weight for p in projs]).transpose(1, 2))
-        if projs[0].bias is not None:
-            out = out + torch.stack([p.bias for p in projs]).unsqueeze(1)
-        return out.view(c, batch, sv, -1, attn.head_dim).transpose(2, 3)
 
-    key, value = project("k_proj"), project("v_proj")
-    if getattr(attn, "k_norm", None) is not None:  # Qwen3: RMSNorm over each head's D, then RoPE
-        k_eps = getattr(attn.k_norm, "variance_epsilon", getattr(attn.k_norm, "eps", 1e-6))
-        key = rms_norm(key, torch.stack([layer.self_attn.k_norm.weight for layer in layers])[:, None, None, None],
-                       k_eps)
-    key = apply_rope(key, cos[None, :, None], sin[None, :, None])
-    return list(zip(key.unbind(0), value.unbind(0)))
+class _RMSNorm(torch.autograd.Function):
+    """transformers' LlamaRMSNorm, weight * (x32 * rstd).to(x.dtype), keeping for backward only x (in its own dtype)
+    and the fp32 rstd per row; the normalised rows are recomputed in backward (as plain ops, autograd would keep an
+    fp32 copy of x and the normalised rows). x broadcasts against weight: a (1, B, S, h) input with (c, 1, 1, h)
+    weights is normalised once for all c layers, and its gradient is the sum over them."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        x32 = x.float()
+        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return weight * (x32 * rstd).to(x.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        x, weight, rstd = ctx.saved_tensors
+        y = x.float() * rstd  # the normalised rows, in fp32
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad * y.to(x.dtype)).sum_to_size(weight.shape).to(weight.dtype)
+        if ctx.needs_input_grad[0]:
+            g = (grad * weight).sum_to_size(x.shape).float()  # d loss / d y, summed over the weights sharing x
+            grad_x = (rstd * (g - y * (g * y).mean(-1, keepdim=True))).to(x.dtype)
+        return grad_x, grad_weight, None
+
+
+def _eps(norm: nn.Module) -> float:
+    return getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
 
 
 def projector_weights(projector: nn.Module, layers: slice) -> tuple[torch.Tensor | None, ...]:

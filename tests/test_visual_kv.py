@@ -1,0 +1,145 @@
+"""saisa's training visual path (visual_kv.stacked_key_value) against a naive per-layer one built from the HF modules:
+same loss and same gradients for shared (stage 1) and per-layer (stage 2) projectors, and lean autograd memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import (
+    IMAGE_TOKEN_ID,
+    random_ids,
+    random_pixels,
+    tiny_model,
+    tiny_text_config,
+)
+from torch.func import functional_call
+from torch.testing import assert_close
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+from saisa.model import visual_kv
+from saisa.model.decoder import query_key_value
+from saisa.train.stages import StageConfig, apply_stage
+
+
+def naive_key_value(layers, visual, cos, sin):
+    """The definition, layer by layer with the HF modules: K_j, V_j from input_layernorm_j(V_j) (visual (c|1, ...))."""
+    kv = []
+    for j, layer in enumerate(layers):
+        x = visual[j if visual.shape[0] > 1 else 0]
+        _, key, value = query_key_value(layer, layer.input_layernorm(x), cos, sin, with_query=False)
+        kv.append((key, value))
+    return kv
+
+
+def loss_and_grads(model, ids, pixels) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, pixel_values=pixels, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def batch(seed: int) -> torch.Tensor:
+    rows = []
+    for k, at in enumerate(([2, 7], [4, 9])):  # two images per sample, at different places
+        ids = random_ids(12, seed + k)
+        ids[at] = IMAGE_TOKEN_ID
+        rows.append(ids)
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("sharing", ["shared", "per_layer"])
+@pytest.mark.parametrize("backbone", ["llama", "qwen2", "qwen3"])  # plain; k/v biases; per-head k norms
+@pytest.mark.parametrize("trains_llm", [False, True])
+def test_loss_and_gradients_match_the_naive_per_layer_path(sharing, backbone, trains_llm, monkeypatch):
+    model = tiny_model("saisa", text=tiny_text_config(backbone, num_hidden_layers=3), projector_sharing=sharing)
+    model = model.double().train()
+    model.requires_grad_(trains_llm)
+    model.multi_modal_projector.requires_grad_(True)
+    model.vision_tower.requires_grad_(False)
+    ids, pixels = batch(seed=30), random_pixels(4).double()
+
+    loss, grads = loss_and_grads(model, ids, pixels)
+    monkeypatch.setattr(visual_kv, "stacked_key_value", naive_key_value)
+    ref_loss, ref_grads = loss_and_grads(model, ids, pixels)
+
+    assert_close(loss, ref_loss, atol=1e-12, rtol=1e-12)
+    assert grads.keys() == ref_grads.keys()
+    for name, ref in ref_grads.items():  # the norms compute in fp32, as transformers' do: fp32 rounding only
+        assert_close(grads[name], ref, atol=1e-6 * ref.abs().max().item(), rtol=1e-6, msg=name)
+    want = {"multi_modal_projector.linear_1.weight", "multi_modal_projector.linear_2.bias"}
+    if trains_llm:
+        layer = "language_model.model.layers.1."
+        want |= {layer + "input_layernorm.weight", layer + "self_attn.k_proj.weight", layer + "self_attn.v_proj.weight"}
+        want |= {layer + "self_attn.k_proj.bias"} if backbone == "qwen2" else set()
+        want |= {layer + "self_attn.k_norm.weight"} if backbone == "qwen3" else set()
+    assert want <= grads.keys()
+
+
+def hf_rms_norm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """transformers' LlamaRMSNorm with `weight`: one norm per row of a (c, 1, 1, h) weight on x[j] (x[0] when x is
+    shared, (1, ...)), or one (h,) weight on all of x."""
+    norm = LlamaRMSNorm(x.shape[-1], eps=1e-6)
+    if weight.dim() == 1:
+        return functional_call(norm, {"weight": weight}, (x,))
+    rows = weight.reshape(-1, x.shape[-1])
+    return torch.stack([functional_call(norm, {"weight": w}, (x[j if x.shape[0] > 1 else 0],))
+                        for j, w in enumerate(rows)])
+
+
+@pytest.mark.parametrize("shape,weight_shape", [((3, 2, 5, 16), (3, 1, 1, 16)),  # one input per layer
+                                                ((1, 2, 5, 16), (3, 1, 1, 16)),  # shared by 3 layers
+                                                ((2, 5, 4, 8), (8,))])  # Qwen3's per-head k norm
+def test_rms_norm_matches_transformers(shape, weight_shape):
+    """visual_kv._RMSNorm: LlamaRMSNorm's values (bf16 bit for bit) and gradients, summed over a shared input."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g, requires_grad=True)
+    w = (1 + 0.3 * torch.randn(weight_shape, generator=g)).requires_grad_()
+    out, ref = visual_kv._RMSNorm.apply(x, w, 1e-6), hf_rms_norm(x, w)
+    assert_close(out, ref)
+    grad = torch.randn(out.shape, generator=g)
+    assert_close(torch.autograd.grad(out, (x, w), grad), torch.autograd.grad(ref, (x, w), grad))
+    xb, wb = x.detach().bfloat16(), w.detach().bfloat16()
+    assert torch.equal(visual_kv._RMSNorm.apply(xb, wb, 1e-6), hf_rms_norm(xb, wb))
+
+
+def test_shared_input_is_kept_once_for_backward():
+    """Stage 1 (LLM frozen, one shared projector input): autograd keeps the input (once) and an fp32 rstd per row,
+    nothing per layer, and no weight copies."""
+    model = tiny_model("saisa", text=tiny_text_config(num_hidden_layers=4)).train()
+    model.requires_grad_(False)
+    layers = model.language_model.model.layers
+    b, sv, h = 2, 16, model.config.text_config.hidden_size
+    visual = torch.randn(1, b, sv, h, requires_grad=True)
+    cos, sin = model.language_model.model.rotary_emb(visual, torch.arange(sv).expand(b, -1))
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        kv = visual_kv.stacked_key_value(layers, visual, cos, sin)
+    rope_tables = cos.untyped_storage().nbytes() + sin.untyped_storage().nbytes()
+    gammas = len(layers) * h * 4
+    assert sum(saved.values()) <= visual.untyped_storage().nbytes() + b * sv * 4 + gammas + rope_tables
+    sum(k.sum() + v.sum() for k, v in kv).backward()
+    assert visual.grad is not None
+
+
+def test_lora_adapters_on_k_and_v_reach_the_visual_keys():
+    """Visual K/V go through k_proj/v_proj as modules, so LoRA adapters apply to them as to the text rows: the
+    adapted model equals its merged export."""
+    model = apply_stage(tiny_model("saisa", projector_sharing="shared"), StageConfig(stage=2, lora_r=4))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    model.eval()
+    ids, pixels = batch(seed=31), random_pixels(4)
+    with torch.no_grad():
+        adapted = model(input_ids=ids, pixel_values=pixels).logits
+        merged = model.merge_and_unload()(input_ids=ids, pixel_values=pixels).logits
+    rows = ids != IMAGE_TOKEN_ID
+    assert_close(adapted[rows], merged[rows], atol=1e-5, rtol=1e-5)
