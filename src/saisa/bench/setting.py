@@ -20,6 +20,12 @@ def _llama(n: int, h: int, m: int, heads: int, kv_heads: int, vocab: int, **extr
                 max_position_embeddings=4096, tie_word_embeddings=False, **extra)
 
 
+def _qwen2(n: int, h: int, m: int, heads: int, kv_heads: int, vocab: int, positions: int) -> dict[str, Any]:
+    return dict(model_type="qwen2", num_hidden_layers=n, hidden_size=h, intermediate_size=m,
+                num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
+                max_position_embeddings=positions, tie_word_embeddings=True, use_sliding_window=False)
+
+
 def _clip(layers: int, d: int, mlp: int, heads: int, image: int, patch: int) -> dict[str, Any]:
     return dict(model_type="clip_vision_model", num_hidden_layers=layers, hidden_size=d, intermediate_size=mlp,
                 num_attention_heads=heads, image_size=image, patch_size=patch)
@@ -60,18 +66,14 @@ PRESETS: dict[str, Setting] = {
         name="paper",
         text_config=_llama(32, 4096, 11008, 32, 32, 32000),
         vision_config=_clip(24, 1024, 4096, 16, 336, 14),
-        train_text_config=dict(model_type="qwen2", num_hidden_layers=28, hidden_size=1536, intermediate_size=8960,
-                               num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
-                               max_position_embeddings=4096, tie_word_embeddings=True, use_sliding_window=False),
+        train_text_config=_qwen2(28, 1536, 8960, 12, 2, 151936, 4096),
     ),
     # CPU tests: every code path in seconds.
     "tiny": Setting(
         name="tiny",
         text_config=_llama(2, 64, 128, 4, 2, 128),
         vision_config=_clip(2, 32, 64, 4, 32, 8),
-        train_text_config=dict(model_type="qwen2", num_hidden_layers=2, hidden_size=48, intermediate_size=96,
-                               num_attention_heads=4, num_key_value_heads=2, vocab_size=160,
-                               max_position_embeddings=512, tie_word_embeddings=True, use_sliding_window=False),
+        train_text_config=_qwen2(2, 48, 96, 4, 2, 160, 512),
         dtype="float32", text_tokens=(8, 16), throughput_batches=(2, 4), throughput_text_tokens=8,
         decode_text_tokens=8, train_text_tokens=12, train_batch=2, image_at=3, input_sets=2,
     ),

@@ -47,13 +47,11 @@ def fold_kv_weights(layers: nn.ModuleList) -> FoldedKV:
         weights.append(torch.cat([attn.k_proj.weight, attn.v_proj.weight]) * gamma)
         if attn.k_proj.bias is not None:
             biases.append(torch.cat([attn.k_proj.bias, attn.v_proj.bias]))
-    norm = layers[0].input_layernorm
-    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
     attn = layers[0].self_attn
     return FoldedKV(
         weight=torch.stack(weights),
         bias=torch.stack(biases) if biases else None,
-        eps=eps,
+        eps=_eps(layers[0].input_layernorm),
         kv_dim=attn.k_proj.out_features,
         head_dim=attn.head_dim,
     )
