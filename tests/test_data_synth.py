@@ -55,6 +55,19 @@ def test_files_and_held_out_split(synth_dir):
     assert captions[0]["conversations"][0]["value"].startswith("<image>\n")
     assert train[0]["conversations"][0]["value"].startswith("<image>\n")
     assert all("<image>" not in t["value"] for r in train for t in r["conversations"][1:])
+    # describe first: the caption record's two turns, then the same QA turns without the image placeholder
+    describe = _load(synth_dir, "train_describe_qa.json")
+    assert len(describe) == len(train)
+    for c, q, d in zip(captions, train, describe):
+        assert d["image"] == c["image"] == q["image"] and d["categories"] == q["categories"]
+        assert d["conversations"][:2] == c["conversations"]
+        assert [t["value"] for t in d["conversations"][2:]] == [t["value"].removeprefix("<image>\n")
+                                                                for t in q["conversations"]]
+        assert sum(t["value"].count("<image>") for t in d["conversations"]) == 1
+    for r in test:  # each test record carries its scene's reference caption (the describe-first evaluation's)
+        assert all(f"{o['size']} {o['colour']} {o['shape']} {WHERE[o['cell']]}" in r["caption"] for o in r["objects"])
+        assert r["caption"].count(" shape") == 1 and r["caption"].count(", ") + r["caption"].count(" and ") >= len(
+            r["objects"]) - 1
 
 
 def _check_answer(record):
@@ -145,7 +158,8 @@ def test_chance_accuracy(synth_dir):
 
 
 @pytest.mark.parametrize("name,template", [("train_caption.json", "plain"), ("train_qa.json", "vicuna_v1"),
-                                           ("test_qa.json", "chat_template")])
+                                           ("test_qa.json", "chat_template"),
+                                           ("train_describe_qa.json", "chat_template")])
 def test_synth_files_feed_the_dataset(synth_dir, name, template):
     ds = ConversationDataset.from_json(synth_dir / name, tokenizer=make_tokenizer(), template=template,
                                        background=(0, 0, 0))

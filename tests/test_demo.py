@@ -78,6 +78,44 @@ def test_demo_end_to_end_tiny(tmp_path, capsys):
     assert again["stages"] == results["stages"] and again["accuracy"] == results["accuracy"]
     assert images[0].stat().st_mtime_ns == before
 
+    # describe-first answering: each prediction comes with the model's description of its image
+    assert main([*argv, "--reuse", "--answer-mode", "describe-first"]) == 0
+    described = json.loads((out / "results.json").read_text())
+    assert described["answer_mode"] == "describe-first" and "description" in described["example"]
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 and all(isinstance(r["description"], str) and r["reference_caption"] for r in rows)
+
+
+def test_describe_first_prompts_are_the_training_conversations(tmp_path):
+    """The describe-first evaluation asks exactly what stage 2 trained on (SmolLM2's chat template): the caption
+    request's prompt is the prefix of train_describe_qa.json's tokens before the caption, and the question's prompt
+    (with the description as the assistant turn) is the prefix before the answer."""
+    from transformers import AutoTokenizer
+
+    from saisa import SaisaConfig
+    from saisa.data.datasets import ConversationDataset
+    from saisa.data.processor import SaisaProcessor
+    from saisa.data.synth import generate
+    from saisa.data.templates import ensure_image_token
+    from saisa.demo import _describe_request, _messages, describe_first_record
+    from saisa.model.vision import image_processor_for
+
+    generate(tmp_path, n=6, seed=1, n_test=6, image_size=32)
+    tok = AutoTokenizer.from_pretrained(SMOLLM2_CONFIG)
+    ensure_image_token(tok)
+    processor = SaisaProcessor(image_processor_for(SaisaConfig(vision_config=tiny_vision_config()).vision_config), tok)
+    test = json.loads((tmp_path / "test_qa.json").read_text())
+    for record in test[:3]:
+        ds = ConversationDataset([describe_first_record(record)], tok, "chat_template", image_folder=tmp_path,
+                                 image_processor=processor.image_processor)
+        ids, labels = ds[0]["input_ids"].tolist(), ds[0]["labels"].tolist()
+        starts = [i for i in range(1, len(labels)) if labels[i] != -100 and labels[i - 1] == -100]
+        assert len(starts) == 2  # the caption, then the answer
+        for start, conversation in zip(starts, (_describe_request(record, tmp_path),
+                                                _messages(record, tmp_path, record["caption"]))):
+            prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)["input_ids"][0].tolist()
+            assert ids[:start] == prompt
+
 
 def test_random_llm_is_smollm2_shaped_and_seeded():
     from saisa.train.build import load_llm

@@ -37,6 +37,8 @@ from typing import Any
 MARGIN = 0.10  # accuracy points over the majority-answer baseline that count as "clearly above chance"
 STAGE_RECIPES = ("demo-stage1.yaml", "demo-stage2.yaml")
 MAX_NEW_TOKENS = 6  # the longest answer, "bottom right", is 2 tokens + <|im_end|>
+DESCRIPTION_TOKENS = 96  # a six-shape caption is ~70 tokens
+ANSWER_MODES = ("direct", "describe-first")
 DEPENDENCE_RECORDS = 120  # test answers scored with right and swapped images (two teacher-forced passes: ~25 s)
 
 logger = logging.getLogger(__name__)
@@ -57,6 +59,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override for the stage-1 recipe (repeatable), e.g. --stage1 schedule.max_steps=10")
     parser.add_argument("--stage2", action="append", default=[], metavar="key.sub=value",
                         help="override for the stage-2 recipe (repeatable), e.g. --stage2 stage.lora_r=64")
+    parser.add_argument("--answer-mode", choices=ANSWER_MODES, default="direct",
+                        help="direct: the question right after the image (default); describe-first: the model first "
+                             "describes the image, then answers in the same conversation (train stage 2 on "
+                             "train_describe_qa.json for it)")
     parser.add_argument("--data-only", action="store_true",
                         help="write the synthetic set and the stage-2 mix under OUT/synth, then stop (for running "
                              "`saisa train recipes/demo-stage{1,2}.yaml` by hand)")
@@ -97,7 +103,7 @@ def load_stage_recipes(args: argparse.Namespace) -> tuple[Any, Any]:
 def prepare_data(folder: Path, n: int, seed: int, n_test: int, max_objects: int = 6) -> dict[str, Any]:
     """The shapes set in `folder` (reused when synth_meta.json says it has this size, seed, test size and object
     range), with train_mix.json: every scene's caption record and QA record, in one file for stage 2."""
-    from saisa.data.synth import MIX_FILE, generate
+    from saisa.data.synth import DESCRIBE_FILE, MIX_FILE, generate
 
     meta_path, meta = folder / "synth_meta.json", None
     if meta_path.is_file():
@@ -110,50 +116,92 @@ def prepare_data(folder: Path, n: int, seed: int, n_test: int, max_objects: int 
             meta = None
     if meta is None:
         meta = generate(folder, n=n, seed=seed, n_test=n_test, max_objects=max_objects)
-    if not (folder / MIX_FILE).is_file():  # a set written before synth wrote the mix itself
+    if not all((folder / f).is_file() for f in (MIX_FILE, DESCRIBE_FILE)):  # written by an older synth
         shutil.rmtree(folder)
         meta = generate(folder, n=n, seed=seed, n_test=n_test, max_objects=max_objects)
     return meta
 
 
 # ------------------------------------------------------------------------------------------------------ evaluation
-def _messages(record: dict[str, Any], folder: Path) -> list[dict[str, Any]]:
-    """The test question as the training data asks it: image, question, short-answer instruction."""
-    from saisa.data.synth import SHORT_ANSWER_PROMPT
+def _messages(record: dict[str, Any], folder: Path, description: str | None = None) -> list[dict[str, Any]]:
+    """The test question as the training data asks it: image, question, short-answer instruction. With a
+    `description` (describe-first answering), the conversation of train_describe_qa.json: the image with the caption
+    request, the description as the assistant's turn, then the question."""
+    from saisa.data.synth import CAPTION_PROMPT, SHORT_ANSWER_PROMPT
 
-    text = f"{record['question']}\n{SHORT_ANSWER_PROMPT}"
+    image = {"type": "image", "path": str(folder / record["image"])}
+    question = {"type": "text", "text": f"{record['question']}\n{SHORT_ANSWER_PROMPT}"}
+    if description is None:
+        return [{"role": "user", "content": [image, question]}]
+    return [{"role": "user", "content": [image, {"type": "text", "text": CAPTION_PROMPT}]},
+            {"role": "assistant", "content": description}, {"role": "user", "content": [question]}]
+
+
+def describe_first_record(record: dict[str, Any]) -> dict[str, Any]:
+    """A test_qa.json record as train_describe_qa.json asks it: the caption request with the image, the reference
+    caption, then the question without the image placeholder."""
+    from saisa.data.synth import CAPTION_PROMPT
+
+    human, *rest = record["conversations"]
+    return {**record, "conversations": [{"from": "human", "value": f"<image>\n{CAPTION_PROMPT}"},
+                                        {"from": "gpt", "value": record["caption"]},
+                                        {**human, "value": human["value"].removeprefix("<image>\n")}, *rest]}
+
+
+def _describe_request(record: dict[str, Any], folder: Path) -> list[dict[str, Any]]:
+    from saisa.data.synth import CAPTION_PROMPT
+
     return [{"role": "user", "content": [{"type": "image", "path": str(folder / record["image"])},
-                                         {"type": "text", "text": text}]}]
+                                         {"type": "text", "text": CAPTION_PROMPT}]}]
+
+
+def _generate(model, processor, conversations: list, *, max_new_tokens: int, device: str) -> tuple[list[str], int]:
+    """Greedy continuations of a batch of conversations (left padded); also their prompt text tokens (the image
+    placeholders not counted)."""
+    import torch
+
+    enc = processor.apply_chat_template(conversations, add_generation_prompt=True)
+    with torch.no_grad():
+        out = model.generate(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
+                             pixel_values=enc["pixel_values"].to(device), max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=processor.tokenizer.eos_token_id,
+                             pad_token_id=processor.tokenizer.pad_token_id)
+    texts = [a.strip() for a in processor.batch_decode(out[:, enc["input_ids"].shape[1]:])]
+    return texts, int(enc["attention_mask"].sum()) - len(conversations)
 
 
 def answer_questions(model, processor, records: Sequence[dict[str, Any]], folder: Path, *, batch_size: int,
-                     device: str) -> tuple[list[str], int]:
-    """Greedy answers to `records` (test_qa.json) in left-padded batches; also the mean prompt length in text tokens
-    (the image placeholder not counted)."""
-    import torch
-
-    answers, text_tokens = [], 0
-    eos = processor.tokenizer.eos_token_id
+                     device: str, describe_first: bool = False) -> tuple[list[str], int, list[str] | None]:
+    """Greedy answers to `records` (test_qa.json) in left-padded batches; the mean prompt length in text tokens
+    (the image placeholder not counted) of the answering pass; with `describe_first`, the model first describes
+    each image and then answers in the same conversation, and its descriptions are returned too."""
+    answers, descriptions, text_tokens = [], [] if describe_first else None, 0
     for start in range(0, len(records), batch_size):
         chunk = records[start: start + batch_size]
-        enc = processor.apply_chat_template([_messages(r, folder) for r in chunk], add_generation_prompt=True)
-        text_tokens += int(enc["attention_mask"].sum()) - len(chunk)
-        with torch.no_grad():
-            out = model.generate(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
-                                 pixel_values=enc["pixel_values"].to(device), max_new_tokens=MAX_NEW_TOKENS,
-                                 do_sample=False, eos_token_id=eos, pad_token_id=processor.tokenizer.pad_token_id)
-        answers += [a.strip() for a in processor.batch_decode(out[:, enc["input_ids"].shape[1]:])]
-    return answers, round(text_tokens / max(1, len(records)))
+        said = None
+        if describe_first:
+            said, _ = _generate(model, processor, [_describe_request(r, folder) for r in chunk],
+                                max_new_tokens=DESCRIPTION_TOKENS, device=device)
+            descriptions += said
+        texts, n = _generate(model, processor,
+                             [_messages(r, folder, said[i] if said else None) for i, r in enumerate(chunk)],
+                             max_new_tokens=MAX_NEW_TOKENS, device=device)
+        answers += texts
+        text_tokens += n
+    return answers, round(text_tokens / max(1, len(records))), descriptions
 
 
 def image_dependence(model, processor, records: Sequence[dict[str, Any]], folder: Path, *, template: str,
-                     batch_size: int, device: str) -> dict[str, float]:
+                     batch_size: int, device: str, describe_first: bool = False) -> dict[str, float]:
     """Mean loss of the reference answers (teacher forcing) with the right images, and with each image replaced by
-    the next record's: equal losses mean the answers ignore the image."""
+    the next record's: equal losses mean the answers ignore the image. With `describe_first` the records are asked
+    as in train_describe_qa.json and the loss covers the reference caption and the answer."""
     import torch
 
     from saisa.data.collate import Collator
     from saisa.data.datasets import ConversationDataset
+    if describe_first:
+        records = [describe_first_record(r) for r in records]
 
     data = ConversationDataset(records, processor.tokenizer, template, image_folder=folder, max_length=256,
                                image_aspect_ratio="square", image_processor=processor.image_processor)
@@ -194,9 +242,11 @@ def flops_vs_llava(model, model_dir: Path, text_tokens: int) -> dict[str, Any]:
 
 
 def evaluate_folder(model_dir: Path, synth: Path, *, batch_size: int = 32, device: str = "cpu",
-                    precision: str = "fp32", template: str = "chat_template") -> dict[str, Any]:
+                    precision: str = "fp32", template: str = "chat_template", describe_first: bool = False
+                    ) -> dict[str, Any]:
     """Answer test_qa.json with the model in `model_dir` (under bf16 autocast if `precision="bf16"`, as it was
-    trained): accuracy per category, both blind baselines, answers, image dependence, FLOPs vs LLaVA, seconds."""
+    trained; describing each image first if `describe_first`): accuracy per category, both blind baselines, answers
+    (and descriptions), image dependence, FLOPs vs LLaVA (for the answering pass's prompt), seconds."""
     import torch
 
     from saisa import SaisaForConditionalGeneration
@@ -208,10 +258,11 @@ def evaluate_folder(model_dir: Path, synth: Path, *, batch_size: int = 32, devic
     processor = load_processor(model_dir, model.config)
     records = json.loads((synth / "test_qa.json").read_text(encoding="utf-8"))
     with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        answers, t = answer_questions(model, processor, records, synth, batch_size=batch_size, device=device)
+        answers, t, descriptions = answer_questions(model, processor, records, synth, batch_size=batch_size,
+                                                    device=device, describe_first=describe_first)
         dependence = image_dependence(model, processor, records[:DEPENDENCE_RECORDS], synth, template=template,
-                                      batch_size=batch_size, device=device)
-    return {"accuracy": evaluate(answers, records),
+                                      batch_size=batch_size, device=device, describe_first=describe_first)
+    return {"accuracy": evaluate(answers, records), "descriptions": descriptions,
             "chance": {"majority": chance_accuracy(records, "majority"), "uniform": chance_accuracy(records, "uniform")},
             "answers": answers, "records": records, "image_dependence": dependence,
             "flops": flops_vs_llava(model, model_dir, t), "eval_seconds": time.perf_counter() - t0}
@@ -305,19 +356,26 @@ def run(args: argparse.Namespace) -> int:
         stages = train_stages(first, second, device=args.device)
     train_seconds = sum(s["seconds"] for s in stages.values())
 
+    describe_first = args.answer_mode == "describe-first"
     ev = evaluate_folder(final, synth, batch_size=args.eval_batch, device=args.device, precision=second.precision,
-                         template=second.data.template)
+                         template=second.data.template, describe_first=describe_first)
     acc, chance, uniform = ev["accuracy"], ev["chance"]["majority"], ev["chance"]["uniform"]
     beats = {c: acc[c] >= chance[c] + MARGIN for c in acc}
     with (out / "predictions.jsonl").open("w", encoding="utf-8") as f:
-        for answer, r in zip(ev["answers"], ev["records"]):
-            f.write(json.dumps({"id": r["id"], "category": r["category"], "question": r["question"],
-                                "answer": r["answer"], "prediction": answer}) + "\n")
+        for i, (answer, r) in enumerate(zip(ev["answers"], ev["records"])):
+            row = {"id": r["id"], "category": r["category"], "question": r["question"], "answer": r["answer"],
+                   "prediction": answer}
+            if ev["descriptions"] is not None:
+                row.update(description=ev["descriptions"][i], reference_caption=r.get("caption"))
+            f.write(json.dumps(row) + "\n")
     r = ev["records"][0]  # the first test question, whatever the answer: no cherry-picking
     example = {"image": str(synth / r["image"]), "category": r["category"], "question": r["question"],
                "prediction": ev["answers"][0], "reference": r["answer"]}
+    if ev["descriptions"] is not None:
+        example["description"] = ev["descriptions"][0]
     results = {
         "architecture": args.architecture,
+        "answer_mode": args.answer_mode,
         "accuracy": acc,
         "chance": chance,
         "chance_kind": "majority answer per category on the test split (uniform guess in chance_uniform)",
@@ -351,7 +409,10 @@ def report(results: dict[str, Any], out: Path) -> str:
     """The demo's printout: the example, accuracy vs chance per category, image dependence, FLOPs, times."""
     ex, acc, chance, f = results["example"], results["accuracy"], results["chance"], results["flops"]
     dep = results["image_dependence"]
-    lines = [f"example ({ex['category']}): {ex['image']}", f"  Q: {ex['question']}",
+    lines = [f"example ({ex['category']}): {ex['image']}"]
+    if "description" in ex:
+        lines.append(f"  model's description: {ex['description']!r}")
+    lines += [f"  Q: {ex['question']}",
              f"  model: {ex['prediction']!r}   reference: {ex['reference']!r}", "",
              f"{'category':<11}{'accuracy':>9}{'chance':>8}{'uniform':>9}  beats chance by >= {MARGIN:.0%}"]
     for c in acc:

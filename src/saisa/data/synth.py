@@ -9,8 +9,10 @@ the scene with its colour or its shape changed), as in POPE's adversarial split.
 (shape, colour, size, cell of every object) occurs in train is redrawn.
 
 Files under OUT: images/{train,test}/NNNNNN.png, train_caption.json (plain-template captions), train_qa.json (one
-multi-turn record per train scene), train_mix.json (both, for a stage 2 on captions and QA), test_qa.json (one question per record, with "category" and "answer"),
-synth_meta.json (vocabulary, counts, chance accuracies).
+multi-turn record per train scene), train_mix.json (both, for a stage 2 on captions and QA), train_describe_qa.json
+(per scene one conversation that asks for the caption first, then the questions: for the demo's "describe first"
+answering), test_qa.json (one question per record, with "category", "answer" and the scene's
+reference "caption"), synth_meta.json (vocabulary, counts, chance accuracies).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ ANSWER_VOCAB: dict[str, tuple[str, ...]] = {
     "existence": ("yes", "no"),
 }
 MIX_FILE = "train_mix.json"  # captions + QA records of the train scenes, for a stage 2 on both
+DESCRIBE_FILE = "train_describe_qa.json"  # per scene: caption turn, then the QA turns, in one conversation
 SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."  # LLaVA-1.5's short-answer instruction
 CAPTION_PROMPT = "Describe the image briefly."
 
@@ -300,7 +303,7 @@ def generate(out: str | Path, n: int, seed: int, *, n_test: int | None = None, i
         (out / "images" / split).mkdir(parents=True, exist_ok=True)
 
     rng, train_layouts = _rng(seed, 0), set()
-    captions, train_qa = [], []
+    captions, train_qa, describe_qa = [], [], []
     for i in range(n):
         scene = random_scene(rng, max_objects)
         while scene.layout in train_layouts:
@@ -320,6 +323,9 @@ def generate(out: str | Path, n: int, seed: int, *, n_test: int | None = None, i
             cats.append(cat)
         train_qa.append({"id": f"train-{i:06d}-qa", "image": image, "categories": cats, "objects": _objects(scene),
                          "conversations": conversations})
+        turns = [{**t, "value": t["value"].removeprefix("<image>\n")} for t in conversations]
+        describe_qa.append({"id": f"train-{i:06d}-describe-qa", "image": image, "categories": cats,
+                            "conversations": captions[-1]["conversations"] + turns})
 
     rng, test_layouts, test_qa = _rng(seed, 1), set(), []
     for i in range(n_test):
@@ -336,11 +342,11 @@ def generate(out: str | Path, n: int, seed: int, *, n_test: int | None = None, i
         render(scene, image_size).save(out / image)
         question, answer = qa
         test_qa.append({"id": f"test-{i:06d}", "image": image, "category": cat, "question": question,
-                        "answer": answer, "objects": _objects(scene),
+                        "answer": answer, "objects": _objects(scene), "caption": caption(scene),
                         "conversations": [_human(question, True), {"from": "gpt", "value": answer}]})
 
     files = (("train_caption.json", captions), ("train_qa.json", train_qa), (MIX_FILE, captions + train_qa),
-             ("test_qa.json", test_qa))
+             (DESCRIBE_FILE, describe_qa), ("test_qa.json", test_qa))
     for name, records in files:
         (out / name).write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
     meta = {
