@@ -1,20 +1,22 @@
-"""Activation memory of one training forward, saisa vs llava, stage 1 and stage 2, on the CPU.
+"""Activation memory of one training step, saisa vs llava, stage 1 and stage 2, per loss / recompute variant, on the CPU.
 
 The benchmark suite's models and stages (saisa.bench, paper preset) with `--layers` decoder layers: stage 1 at the
 Vicuna-7B width (saisa: one shared projector MLP; LLM frozen), stage 2 at the Qwen2-1.5B width (saisa: per-layer MLPs;
 everything but the vision tower trained); bf16, micro-batch 2, 192 text tokens and one 576-token image per sample.
-Per system it counts, in one forward:
+Variants: `logits` (the loss through the full (B, L, vocab) logits, skip_logits=False), `chunked` (the default training
+loss, saisa.model.loss) and, for saisa in stage 2, `chunked+recompute` (model.visual_recompute). Per system it counts:
 - saved: bytes autograd keeps for backward (a saved_tensors_hooks pack hook), deduplicated by storage, parameters
   left out; split into the visual path (saisa: projector + every layer's visual K/V, `saisa_visual_kv`; llava: the
-  projector) and the rest, by the phase in which a storage was first saved;
+  projector), the loss (after the final norm: lm_head + cross-entropy; the chunked loss keeps the lm_head weight's
+  gradient, which backward would make anyway) and the rest, by the phase in which a storage was first saved;
 - peak: the most bytes of tensors made during the forward that were alive at once (a TorchDispatchMode following
-  each new storage until it is freed), so copies that live long without being saved count too;
+  each new storage until it is freed), so copies that live long without being saved count too; step_peak: the same
+  over forward + backward (gradients included; no optimizer);
 - visual ops: aten operators (views excluded) the visual path dispatched, a proxy for its forward kernel count;
-and backward ops: the same count for the whole backward that follows (the visual path's share is the difference
-between two versions of it).
+and backward ops: the same count for the whole backward that follows.
 
 Unusual here: features Z are given (the vision tower is frozen and saves nothing), and the phase split wraps the
-model's visual-path function for the duration of the forward.
+model's visual-path and loss functions for the duration of the forward.
 
     PYTHONPATH=src python3 scripts/train_memory.py --layers 4 --out benchmarks/results/train-memory-cpu/after-l4.json
 """
@@ -25,7 +27,7 @@ import argparse
 import json
 import weakref
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 from unittest import mock
 
@@ -85,38 +87,48 @@ class Meter(TorchDispatchMode):
 
 
 @contextmanager
-def visual_phase(meter: Meter, model: torch.nn.Module):
-    """Label what runs inside the model's visual path "visual" (saisa: saisa_visual_kv; llava: project_images)."""
+def phases(meter: Meter, model: torch.nn.Module):
+    """Label what runs inside the model's visual path "visual" (saisa: saisa_visual_kv; llava: project_images) and
+    inside its loss "loss" (lm_head + cross-entropy: modeling's linear_cross_entropy, or its forward_with_layout's
+    lm_head call and logits_cross_entropy)."""
 
-    def wrap(fn):
+    def wrap(fn, phase):
         def inner(*args, **kwargs):
-            meter.phase = "visual"
+            meter.phase = phase
             try:
                 return fn(*args, **kwargs)
             finally:
                 meter.phase = "rest"
         return inner
 
-    if model.config.architecture == "saisa":
-        with mock.patch.object(modeling, "saisa_visual_kv", wrap(modeling.saisa_visual_kv)):
-            yield
-    else:
-        with mock.patch.object(model, "project_images", wrap(model.project_images)):
-            yield
+    lm_head = model.language_model.lm_head
+    with ExitStack() as stack:
+        if model.config.architecture == "saisa":
+            stack.enter_context(mock.patch.object(modeling, "saisa_visual_kv", wrap(modeling.saisa_visual_kv, "visual")))
+        else:
+            stack.enter_context(mock.patch.object(model, "project_images", wrap(model.project_images, "visual")))
+        for name in ("linear_cross_entropy", "logits_cross_entropy"):
+            stack.enter_context(mock.patch.object(modeling, name, wrap(getattr(modeling, name), "loss")))
+        stack.enter_context(mock.patch.object(lm_head, "forward", wrap(lm_head.forward, "loss")))
+        yield
 
 
-def measure(model: torch.nn.Module, ids: torch.Tensor, features: torch.Tensor) -> dict:
+def measure(model: torch.nn.Module, ids: torch.Tensor, features: torch.Tensor, skip_logits: bool) -> dict:
     existing = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers(), ids, features]}
     meter = Meter(existing)
-    with visual_phase(meter, model), torch.autograd.graph.saved_tensors_hooks(meter.pack, lambda t: t), meter:
-        loss = model(input_ids=ids, image_features=features, labels=ids).loss
+    with phases(meter, model), torch.autograd.graph.saved_tensors_hooks(meter.pack, lambda t: t), meter:
+        out = model(input_ids=ids, image_features=features, labels=ids, skip_logits=skip_logits)
+        loss = out.loss
+        del out  # the logits, when made, are freed here, as a training step drops them
     peak = meter.peak
     meter.phase = "backward"
     with meter:
         loss.backward()
+    del loss
     model.zero_grad(set_to_none=True)
-    return {"saved_visual_mb": meter.saved_bytes("visual") / MB, "saved_rest_mb": meter.saved_bytes("rest") / MB,
-            "saved_mb": meter.saved_bytes() / MB, "peak_mb": peak / MB, "visual_ops": meter.ops["visual"],
+    return {"saved_visual_mb": meter.saved_bytes("visual") / MB, "saved_loss_mb": meter.saved_bytes("loss") / MB,
+            "saved_rest_mb": meter.saved_bytes("rest") / MB, "saved_mb": meter.saved_bytes() / MB,
+            "peak_mb": peak / MB, "step_peak_mb": meter.peak / MB, "visual_ops": meter.ops["visual"],
             "backward_ops": meter.ops["backward"]}
 
 
@@ -127,6 +139,9 @@ def stage_setting(setting: Setting, stage: int, layers: int) -> tuple[Setting, d
     text = dict(setting.text_config if stage == 1 else setting.train_text_config, num_hidden_layers=layers)
     vision = dict(setting.vision_config, num_hidden_layers=2)
     return replace(setting, text_config=text, vision_config=vision), text
+
+
+VARIANTS = ("logits", "chunked", "chunked+recompute")
 
 
 def run_stage(setting: Setting, stage: int, layers: int, batch: int, t: int) -> list[dict]:
@@ -145,10 +160,17 @@ def run_stage(setting: Setting, stage: int, layers: int, batch: int, t: int) -> 
         model.multi_modal_projector.requires_grad_(True)
         model.vision_tower.requires_grad_(False)
         model.train()
-        row = {"stage": stage, "arch": arch, "llm": f"{layers}x{spec.hidden_size}", **measure(model, x.ids, x.features)}
-        if arch == "saisa":
-            row["visual_kv_floor_mb"] = floor_kv / MB
-        rows.append(row)
+        for variant in VARIANTS:
+            recompute = variant.endswith("+recompute")
+            if recompute and (arch != "saisa" or stage != 2):
+                continue  # only per-layer projectors recompute
+            model.visual_recompute = recompute
+            row = {"stage": stage, "arch": arch, "variant": variant, "llm": f"{layers}x{spec.hidden_size}",
+                   **measure(model, x.ids, x.features, skip_logits=variant != "logits")}
+            if arch == "saisa":
+                row["visual_kv_floor_mb"] = floor_kv / MB
+            rows.append(row)
+        model.visual_recompute = False
     return rows
 
 
@@ -164,15 +186,18 @@ def main() -> None:
     setting = PRESETS["paper"]
     rows = [r for stage in args.stages for r in run_stage(setting, stage, args.layers, args.batch, args.text_tokens)]
 
-    cols = ("stage", "arch", "llm", "saved_visual_mb", "saved_rest_mb", "saved_mb", "peak_mb", "visual_ops",
-            "backward_ops")
-    print(" ".join(f"{c:>15}" for c in cols))
+    cols = ("stage", "arch", "variant", "llm", "saved_visual_mb", "saved_loss_mb", "saved_rest_mb", "saved_mb",
+            "peak_mb", "step_peak_mb", "visual_ops", "backward_ops")
+    print(" ".join(f"{c:>17}" for c in cols))
     for r in rows:
-        print(" ".join(f"{r[c]:>15.1f}" if isinstance(r[c], float) else f"{r[c]:>15}" for c in cols))
+        print(" ".join(f"{r[c]:>17.1f}" if isinstance(r[c], float) else f"{r[c]:>17}" for c in cols))
     for stage in args.stages:
-        ours, ref = (next(r for r in rows if r["stage"] == stage and r["arch"] == a) for a in ("saisa", "llava"))
-        print(f"stage {stage}: saisa/llava saved {ours['saved_mb'] / ref['saved_mb']:.3f}, peak "
-              f"{ours['peak_mb'] / ref['peak_mb']:.3f}; saisa's visual K/V floor {ours['visual_kv_floor_mb']:.1f} MB")
+        ref = {r["variant"]: r for r in rows if r["stage"] == stage and r["arch"] == "llava"}
+        for ours in (r for r in rows if r["stage"] == stage and r["arch"] == "saisa"):
+            base = ref[ours["variant"] if ours["variant"] in ref else "chunked"]
+            print(f"stage {stage} saisa {ours['variant']} / llava {base['variant']}: saved "
+                  f"{ours['saved_mb'] / base['saved_mb']:.3f}, step peak {ours['step_peak_mb'] / base['step_peak_mb']:.3f}"
+                  f"; saisa's visual K/V floor {ours['visual_kv_floor_mb']:.1f} MB")
     result = {"setting": setting.name, "dtype": setting.dtype, "layers": args.layers, "batch": args.batch,
               "text_tokens": args.text_tokens, "torch": torch.__version__, "rows": rows}
     if args.out:

@@ -143,3 +143,51 @@ def test_lora_adapters_on_k_and_v_reach_the_visual_keys():
         merged = model.merge_and_unload()(input_ids=ids, pixel_values=pixels).logits
     rows = ids != IMAGE_TOKEN_ID
     assert_close(adapted[rows], merged[rows], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backbone", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("trains_llm", [False, True])
+def test_recomputed_visual_path_gives_the_same_loss_and_gradients(backbone, trains_llm, monkeypatch):
+    """Stage 2 with `visual_recompute`: each layer's visual K/V under its own checkpoint; nothing changes but memory."""
+    calls = []
+    checkpoint = visual_kv.checkpoint
+    monkeypatch.setattr(visual_kv, "checkpoint", lambda *a, **kw: calls.append(1) or checkpoint(*a, **kw))
+    model = tiny_model("saisa", text=tiny_text_config(backbone, num_hidden_layers=3)).double().train()
+    model.requires_grad_(trains_llm)
+    model.multi_modal_projector.requires_grad_(True)
+    model.vision_tower.requires_grad_(False)
+    ids, pixels = batch(seed=32), random_pixels(4).double()
+    ref_loss, ref_grads = loss_and_grads(model, ids, pixels)
+    model.visual_recompute = True
+    loss, grads = loss_and_grads(model, ids, pixels)
+    assert len(calls) == 3  # one checkpoint per layer
+    assert_close(loss, ref_loss, atol=1e-12, rtol=1e-12)
+    assert grads.keys() == ref_grads.keys()
+    for name, ref in ref_grads.items():
+        assert_close(grads[name], ref, atol=1e-12, rtol=1e-10, msg=name)
+
+
+def test_recomputed_visual_path_keeps_only_the_features():
+    """What autograd keeps of the recomputed visual path: Z (once, for all layers) and the RoPE tables, no
+    per-layer activation."""
+    model = tiny_model("saisa", text=tiny_text_config(num_hidden_layers=4)).train()
+    layers, projector = model.language_model.model.layers, model.multi_modal_projector
+    features = model.encode_images(random_pixels(4)).detach()
+    ids = batch(seed=33)
+    layout = model.layout(ids, torch.ones_like(ids), features.shape[0], features.shape[1])
+    pos, _ = layout.visual_positions(features.shape[1])
+    cos, sin = model.language_model.model.rotary_emb(features, pos)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        kv, _ = visual_kv.saisa_visual_kv(layers, projector, features, layout, cos, sin, recompute=True)
+    small = sum(t.untyped_storage().nbytes() for t in (cos, sin, layout.image_slots))
+    assert sum(saved.values()) <= features.untyped_storage().nbytes() + small
+    sum(k.sum() + v.sum() for k, v in kv).backward()
+    assert projector.linear_1.weight.grad is not None and projector.linear_2.bias.grad.abs().sum() > 0

@@ -249,8 +249,8 @@ def _latency_section(results, section: str, shapes: list[tuple[int, int]], label
             if any(v != "-" for v in vals):
                 ratio_rows.append([f"ratio {num} / {base}", "", *vals, ""])
     lines = [f"### {SECTION_TITLES[section]}", "",
-             "Each cell: median / floor (the larger of FLOPs over the measured matmul rate and bytes over the "
-             "measured copy bandwidth; com = compute-bound, mem = memory-bound).", ""]
+             ("Each cell: median / floor (the larger of FLOPs over the measured matmul rate and bytes over the "
+              "measured copy bandwidth; com = compute-bound, mem = memory-bound)."), ""]
     return lines + _md_table(header, rows + ratio_rows, text_columns=2) + [""]
 
 
@@ -275,9 +275,19 @@ def _paper_section(results) -> list[str]:
                     _fmt(mb / ps, 3) if mb else "-"]
         rows.append(row)
     return ["### Compared with the paper's Table 6 (prefill latency, ms)", "",
-            "The paper does not state the GPU or software of Table 6 (it trains on A800 80G); compare the ratios, "
-            "not the milliseconds.",
+            ("The paper does not state the GPU or software of Table 6 (it trains on A800 80G); compare the ratios, "
+             "not the milliseconds."),
             ""] + _md_table(header, rows) + [""]
+
+
+def _train_notes(entries: list[dict[str, Any]]) -> str:
+    """How the step was run, where the entries say (results before the chunked loss carry no `loss` key)."""
+    notes = ""
+    if any(e.get("loss") == "chunked" for e in entries):
+        notes += " Loss chunked through the lm_head, without the full-vocabulary logits (saisa.model.loss)."
+    if any(e.get("visual_recompute") for e in entries):
+        notes += " saisa stage 2 recomputes its visual K/V in backward (model.visual_recompute)."
+    return notes
 
 
 def _train_section(results) -> list[str]:
@@ -292,21 +302,21 @@ def _train_section(results) -> list[str]:
     lines = [f"### {SECTION_TITLES['train']}", "",
              "Vision tower frozen and run each step; stage 1: LLM frozen, projector trained (saisa: one shared MLP); "
              "stage 2: LLM and projector trained. Peak memory = the model's weights + the peak allocated above "
-             "them (gradients, AdamW state, activations).", ""]
+             "them (gradients, AdamW state, activations)." + _train_notes(entries), ""]
     lines += _md_table(["run", "LLM (layers x h)", "micro-batch", "step ms / floor", "samples/s", "peak MiB",
                         "trainable M"], rows, text_columns=2) + [""]
     proj = results.get("projection") or {}
     if any(a in proj for a in ("saisa", "llava")):
-        lines += ["#### Projected GPU-hours of the LLaVA-1.5 recipe", "", f"A projection, not a measured run: "
-                  f"{proj['note']}.", ""]
+        lines += ["#### Projected GPU-hours of the LLaVA-1.5 recipe", "",
+                  f"A projection, not a measured run: {proj['note']}.", ""]
         prow = [[a, _fmt(proj[a]["stage1_gpu_hours"], 1), _fmt(proj[a]["stage2_gpu_hours"], 1),
                  _fmt(proj[a]["total_gpu_hours"], 1)] for a in ("saisa", "llava") if a in proj]
         lines += _md_table(["arch", "stage 1 GPU-h", "stage 2 GPU-h", "total GPU-h"], prow)
         if "saisa_over_llava" in proj:
             paper = PAPER_GPU_HOURS["saisa"]["total"] / PAPER_GPU_HOURS["llava"]["total"]
-            lines += ["", f"saisa / llava: {proj['saisa_over_llava']:.3f} (paper, 7B on A800: "
-                      f"{PAPER_GPU_HOURS['saisa']['total']:.0f} / {PAPER_GPU_HOURS['llava']['total']:.0f} GPU-hours "
-                      f"= {paper:.3f}; our stage 2 runs at a smaller LLM, so compare ratios only)"]
+            lines += ["", (f"saisa / llava: {proj['saisa_over_llava']:.3f} (paper, 7B on A800: "
+                           f"{PAPER_GPU_HOURS['saisa']['total']:.0f} / {PAPER_GPU_HOURS['llava']['total']:.0f} "
+                           f"GPU-hours = {paper:.3f}; our stage 2 runs at a smaller LLM, so compare ratios only)")]
         lines.append("")
     return lines
 
@@ -361,9 +371,9 @@ def render_results(results: dict[str, Any], plot: str | None = None) -> list[str
              "", f"Command: `{results.get('command', '?')}`", ""]
     c = results.get("ceilings")
     if c:
-        lines += [f"Measured ceilings: device-to-device copy {c['copy_gb_per_s']:.4g} GB/s (bytes read + written, "
-                  f"{c['copy_bytes'] / 2**20:.0f} MiB), matmul {c['matmul_tflops']:.4g} TFLOP/s ({c['dtype']}, "
-                  f"{c['matmul_n']}^3, random data).", ""]
+        lines += [(f"Measured ceilings: device-to-device copy {c['copy_gb_per_s']:.4g} GB/s (bytes read + written, "
+                   f"{c['copy_bytes'] / 2**20:.0f} MiB), matmul {c['matmul_tflops']:.4g} TFLOP/s ({c['dtype']}, "
+                   f"{c['matmul_n']}^3, random data)."), ""]
     lines += ["### Targets", ""]
     lines += _md_table(["target", "measured", "required", "result", "detail"], [
         [t["target"], _fmt(t["value"], 3), f"{t['op']} {t['threshold']}",

@@ -21,14 +21,14 @@ def _llama(n: int, h: int, m: int, heads: int, kv_heads: int, vocab: int, **extr
 
 
 def _qwen2(n: int, h: int, m: int, heads: int, kv_heads: int, vocab: int, positions: int) -> dict[str, Any]:
-    return dict(model_type="qwen2", num_hidden_layers=n, hidden_size=h, intermediate_size=m,
-                num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
-                max_position_embeddings=positions, tie_word_embeddings=True, use_sliding_window=False)
+    return {"model_type": "qwen2", "num_hidden_layers": n, "hidden_size": h, "intermediate_size": m,
+            "num_attention_heads": heads, "num_key_value_heads": kv_heads, "vocab_size": vocab,
+            "max_position_embeddings": positions, "tie_word_embeddings": True, "use_sliding_window": False}
 
 
 def _clip(layers: int, d: int, mlp: int, heads: int, image: int, patch: int) -> dict[str, Any]:
-    return dict(model_type="clip_vision_model", num_hidden_layers=layers, hidden_size=d, intermediate_size=mlp,
-                num_attention_heads=heads, image_size=image, patch_size=patch)
+    return {"model_type": "clip_vision_model", "num_hidden_layers": layers, "hidden_size": d,
+            "intermediate_size": mlp, "num_attention_heads": heads, "image_size": image, "patch_size": patch}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,6 +49,9 @@ class Setting:
     # The same micro-batch for both architectures and both stages: LLaVA-1.5's per-device batch in stage 2 (128 over
     # 8 GPUs; its stage 1 uses 32 per device, with gradient checkpointing, which the suite does not use).
     train_batch: int = 16
+    # Stage 2, saisa: recompute each layer's visual K/V in backward (model.visual_recompute). Off: it saves ~3 GB of
+    # activations for a second forward of the visual path (scripts/train_variants.py measures both).
+    train_visual_recompute: bool = False
     stage1_samples: int = 558_000  # LLaVA-1.5 recipe: LCS-558K pretraining
     stage2_samples: int = 665_000  # LLaVA-1.5 recipe: llava_v1_5_mix665k instruction tuning
     image_at: int = 35  # text tokens before the image (LLaVA-1.5's system prompt is about that long)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from saisa.flops import FLOPS_FUNCTIONS, lm_head_flops
+from saisa.model.loss import fusable
 
 from .setting import (
     Repeats,
@@ -191,12 +192,14 @@ class Suite:
 
     # -- training
     def train(self, stage: int, arch: str, model: nn.Module, text_config: dict[str, Any]) -> None:
-        """Time forward + backward + AdamW step (vision tower frozen and run every step, as in the recipe)."""
+        """Time forward + backward + AdamW step (vision tower frozen and run every step, as in the recipe). The loss
+        is the model's training loss, chunked through the lm_head without the full logits (saisa.model.loss)."""
         s = self.setting
         batch, t = s.train_batch, s.train_text_tokens
         spec, vspec = llm_spec(text_config), vision_spec(s.vision_config)
+        recompute = s.train_visual_recompute and stage == 2 and arch == "saisa"
         entry = {"section": "train", "system": arch, "arch": arch, "stage": stage, "batch": batch, "text_tokens": t,
-                 "llm": f"{spec.num_layers}x{spec.hidden_size}"}
+                 "llm": f"{spec.num_layers}x{spec.hidden_size}", "visual_recompute": recompute}
         state: dict[str, Any] = {}
 
         def body(entry):
@@ -204,6 +207,7 @@ class Suite:
             model.multi_modal_projector.requires_grad_(True)
             model.vision_tower.requires_grad_(False)
             model.train()
+            model.visual_recompute = recompute
             trainable = [p for p in model.parameters() if p.requires_grad]
             sets = make_inputs(replace(s, text_config=text_config), batch, t, self.device, seed=stage)
 
@@ -227,7 +231,8 @@ class Suite:
             params = tensor_bytes(model.parameters())
             nbytes = 2 * params + 16 * sum(p.numel() for p in trainable)  # weights read twice; grads + AdamW
             entry.update(status="ok", samples_per_s=batch / (timing.median_ms * 1e-3),
-                         trainable_params=sum(p.numel() for p in trainable))
+                         trainable_params=sum(p.numel() for p in trainable),
+                         loss="chunked" if fusable(model.language_model.lm_head) else "logits")
             self.record(entry, timing, flops, nbytes, mem, params)
 
         def cleanup():
@@ -236,6 +241,7 @@ class Suite:
                 p.grad = None
             model.requires_grad_(False)
             model.eval()
+            model.visual_recompute = False
 
         self.guarded(entry, body, cleanup)
 
@@ -282,18 +288,18 @@ def _checks(logits: dict[str, torch.Tensor]) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------------------------------- entry point
 NOTES = (
-    "prefill (paper Table 6 metric) = projector + LLM + lm_head on the last position (logits_to_keep=1, as HF "
-    "generate does; HF LLaVA's forward defaults to all positions), vision features Z given; eager systems fill "
-    "their KV cache (use_cache=True), graph systems keep what their method records",
-    "HF LLaVA gets Z through its own projector and a masked_scatter splice into the sequence with the image token "
-    "expanded to v positions, as LlavaModel.forward does after its vision tower",
+    ("prefill (paper Table 6 metric) = projector + LLM + lm_head on the last position (logits_to_keep=1, as HF "
+     "generate does; HF LLaVA's forward defaults to all positions), vision features Z given; eager systems fill "
+     "their KV cache (use_cache=True), graph systems keep what their method records"),
+    ("HF LLaVA gets Z through its own projector and a masked_scatter splice into the sequence with the image token "
+     "expanded to v positions, as LlavaModel.forward does after its vision tower"),
     "ttft = vision tower + prefill + argmax of the first token; graph systems run the tower eagerly",
-    "decode = one token per step at batch 1 over a cache filled by a prefill; the cache is cut back after each step "
-    "so every step sees the same context; the systems are timed in rounds (one step of each in turn), so a slow "
-    "spell of the host falls on all of them alike",
-    "floors: FLOPs from saisa.flops (+ lm_head rows, + the vision tower up to its feature layer in ttft); bytes = "
-    "weights read once (LLM layers, final norm, lm_head, projector; + tower in ttft) + KV written (prefill) or read "
-    "(decode) + inputs",
+    ("decode = one token per step at batch 1 over a cache filled by a prefill; the cache is cut back after each step "
+     "so every step sees the same context; the systems are timed in rounds (one step of each in turn), so a slow "
+     "spell of the host falls on all of them alike"),
+    ("floors: FLOPs from saisa.flops (+ lm_head rows, + the vision tower up to its feature layer in ttft); bytes = "
+     "weights read once (LLM layers, final norm, lm_head, projector; + tower in ttft) + KV written (prefill) or read "
+     "(decode) + inputs"),
 )
 INFERENCE_SYSTEMS = ("saisa", "naavit", "llava", "hf_llava", "saisa_opt", "hf_llava_graphs", "saisa_graphs",
                      "llava_graphs")

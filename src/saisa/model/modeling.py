@@ -8,15 +8,16 @@ Unusual here: one token stream per architecture, driven layer by layer over the 
 - llava: visual and text tokens are all queries (plain LLaVA-1.5).
 `input_ids` hold ONE `image_token_id` per image; `logits` has one row per `input_ids` position and rows at
 placeholders carry no meaning (never in the loss). See naavit.py for how positions and the mask are built.
+In training with labels the loss skips the logits (loss.py) and `logits` is None, as in fused-loss trainers.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
@@ -26,12 +27,29 @@ from saisa.config import SaisaConfig
 
 from .cache import SaisaCache
 from .decoder import attention_block, check_decoder, feed_forward, query_key_value
+from .fused import (
+    TextLayer,
+    supports_fused,
+    text_layer_step,
+    text_layer_tensors,
+    visual_inputs_chunk,
+)
+from .loss import fusable, linear_cross_entropy, logits_cross_entropy, shifted_targets
 from .naavit import SequenceLayout, build_layout, naavit_mask
-from .fused import TextLayer, supports_fused, text_layer_step, text_layer_tensors, visual_inputs_chunk
 from .projector import LayerProjectors, MultiModalProjector, StackedLinear
-from .visual_kv import FoldedKV, _place, fold_kv_weights, saisa_visual_inputs, saisa_visual_kv
-
-IGNORE_INDEX = -100
+from .vision import (
+    build_vision_tower,
+    num_visual_tokens,
+    select_image_features,
+    vision_feature_dim,
+)
+from .visual_kv import (
+    FoldedKV,
+    _place,
+    fold_kv_weights,
+    saisa_visual_inputs,
+    saisa_visual_kv,
+)
 
 
 @dataclass
@@ -41,7 +59,6 @@ class FusedPath:
     text: Callable
     visual: Callable
     layers: list[TextLayer]
-from .vision import build_vision_tower, num_visual_tokens, select_image_features, vision_feature_dim
 
 
 class SaisaPreTrainedModel(PreTrainedModel):
@@ -51,7 +68,7 @@ class SaisaPreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _supports_sdpa = True
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement: ClassVar[list[str]] = ["past_key_values"]
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, StackedLinear):
@@ -83,6 +100,9 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
             config.vision_config, config.vision_feature_select_strategy, config.vision_feature_layer
         )
         self.gradient_checkpointing = False
+        # Training, per-layer projectors (stage 2): recompute each layer's visual K/V in backward (visual_kv.py);
+        # saves the visual path's activations for a second forward of it. Off by default.
+        self.visual_recompute = False
         # Inference-only speed-ups of the saisa visual path (visual_kv.py); none changes the function computed.
         self._folded_kv: FoldedKV | None = None
         self._visual_stream: torch.cuda.Stream | None = None
@@ -211,13 +231,23 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         past_key_values: SaisaCache | None = None,
         use_cache: bool = False,
         logits_to_keep: int = 0,
+        skip_logits: bool | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """input_ids (B, L) with one image_token_id per image; pixel_values (N, C, H, W) or precomputed
-        image_features Z (N, v, d); attention_mask (B, L) (or (B, past + L) with a cache); labels (B, L)."""
+        image_features Z (N, v, d); attention_mask (B, L) (or (B, past + L) with a cache); labels (B, L).
+
+        skip_logits: return no logits (None) and compute the loss chunk by chunk through the lm_head
+        (loss.linear_cross_entropy) without the (B, L, vocab) logits; needs labels. Default: in training with labels.
+        An lm_head the chunked loss cannot read (an adapter, ZeRO-3 partitioned) takes the logits path.
+        """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
-        batch, length = input_ids.shape
+        if skip_logits is None:
+            skip_logits = self.training and labels is not None
+        if skip_logits and labels is None:
+            raise ValueError("skip_logits=True computes only the loss: pass labels")
+        length = input_ids.shape[1]
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         attention_mask = attention_mask[:, -length:]
@@ -228,11 +258,17 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
             past_key_values = SaisaCache(len(self.layers))
         v = self.num_visual_tokens if image_features is None else image_features.shape[1]
         layout = self.layout(input_ids, attention_mask, num_images, v, past_key_values)
+        lm_head = self.language_model.lm_head
+        if skip_logits and not logits_to_keep and fusable(lm_head):
+            hidden = self.hidden_states_with_layout(input_ids, layout, image_features, past_key_values)
+            loss = linear_cross_entropy(hidden[:, :-1], lm_head, shifted_targets(labels, layout))
+            return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=past_key_values)
         logits = self.forward_with_layout(input_ids, layout, image_features, past_key_values, logits_to_keep)
         loss = None
         if labels is not None:
-            loss = self.loss(logits, labels, layout, attention_mask)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+            loss = logits_cross_entropy(logits, shifted_targets(labels, layout))
+        return CausalLMOutputWithPast(loss=loss, logits=None if skip_logits else logits,
+                                      past_key_values=past_key_values)
 
     def layout(
         self,
@@ -262,6 +298,18 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         logits_to_keep: int = 0,
     ) -> torch.Tensor:
         """Logits (B, L or logits_to_keep, vocab) for a precomputed layout: no host synchronisation inside."""
+        hidden = self.hidden_states_with_layout(input_ids, layout, image_features, cache, logits_to_keep)
+        return self.language_model.lm_head(hidden)
+
+    def hidden_states_with_layout(
+        self,
+        input_ids: torch.Tensor,
+        layout: SequenceLayout,
+        image_features: torch.Tensor | None = None,
+        cache: SaisaCache | None = None,
+        keep: int = 0,
+    ) -> torch.Tensor:
+        """The LLM's final-norm hidden states (B, L or `keep`, h), the lm_head's input."""
         lm = self.language_model.model
         input_ids = input_ids.to(layout.text_pos.device)
         text_h = lm.embed_tokens(input_ids.masked_fill(layout.is_placeholder, 0))  # (B, L, h)
@@ -270,8 +318,7 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         if image_features is not None:
             image_features = image_features.to(text_h.dtype)
         hidden = self._decode(text_h, image_features, layout, cache)  # (B, L, h)
-        hidden = lm.norm(hidden if not logits_to_keep else hidden[:, -logits_to_keep:])
-        return self.language_model.lm_head(hidden)
+        return lm.norm(hidden if not keep else hidden[:, -keep:])
 
     def _decode(
         self, text_h: torch.Tensor, features: torch.Tensor | None, layout: SequenceLayout, cache: SaisaCache | None
@@ -319,6 +366,7 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
             vis_kv, events = saisa_visual_kv(
                 self.layers, self.multi_modal_projector, features, layout, vis_cos, vis_sin,
                 folded=folded, chunk=self.visual_kv_chunk, stream=stream,
+                recompute=self.visual_recompute and self.training and torch.is_grad_enabled(),
             )
         elif features is not None:
             vis_h = _place(self.project_images(features).unsqueeze(0), layout)[0]  # (B, Sv, h)
@@ -350,7 +398,7 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         hidden = text_h
         if cols is not None:  # drop the placeholder rows: T = text tokens exactly (and the paper's FLOPs)
             n_vis = mask.shape[-1] - text_h.shape[1]
-            take = lambda x: x.gather(1, cols.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # noqa: E731
+            take = lambda x: x.gather(1, cols.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
             hidden, cos, sin = take(text_h), take(cos), take(sin)
             key_cols = torch.cat([torch.arange(n_vis, device=cols.device).expand(cols.shape[0], -1), n_vis + cols], 1)
             mask = mask.gather(2, cols[:, None, :, None].expand(-1, 1, -1, mask.shape[-1]))
@@ -388,14 +436,3 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
             key, value = cache.update(index, key, value)
         hidden = hidden + attention_block(layer, query, key, value, mask)
         return feed_forward(layer, hidden), vis_h
-
-    @staticmethod
-    def loss(logits: torch.Tensor, labels: torch.Tensor, layout: SequenceLayout, attention_mask: torch.Tensor):
-        """Shifted cross-entropy over text positions; rows at placeholders and padding never predict."""
-        if labels.shape != attention_mask.shape:
-            raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(attention_mask.shape)}")
-        keep = layout.text_is_key[:, :-1] & layout.text_is_key[:, 1:]  # text predicts text; placeholders never count
-        target = labels[:, 1:].masked_fill(~keep, IGNORE_INDEX)
-        return F.cross_entropy(
-            logits[:, :-1].float().flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX
-        )

@@ -70,23 +70,44 @@ class LayerProjectors(nn.Module):
     def num_mlps(self) -> int:
         return self.linear_1.n
 
-    def forward(self, features: torch.Tensor, layers: slice | None = None, expand: bool = True) -> torch.Tensor:
+    def forward(
+        self,
+        features: torch.Tensor,
+        layers: slice | None = None,
+        expand: bool = True,
+        weights: tuple[torch.Tensor | None, ...] | None = None,
+    ) -> torch.Tensor:
         """Z (N, v, d) -> V (n_layers, N, v, h), or only the layers in `layers` (a slice). A shared MLP's output is
         broadcast to them as a view; with expand=False it stays (1, N, v, h), for callers that broadcast it later
-        (indexing or normalising the broadcast view would make a copy per layer)."""
+        (indexing or normalising the broadcast view would make a copy per layer). weights: one MLP's
+        (w1, b1, w2, b2), each (1, out, in) / (1, out) (see `layer_weights`), used instead of the stored ones:
+        returns (1, N, v, h)."""
         num_images, v, _ = features.shape
         layers = layers or slice(0, self.n_layers)
-        count = len(range(self.n_layers)[layers])
+        count = 1 if weights is not None else len(range(self.n_layers)[layers])
         shared = self.num_mlps == 1
-        w1, b1 = _take(self.linear_1, None if shared else layers)
+        if weights is None:
+            weights = (*_take(self.linear_1, None if shared else layers),
+                       *(_take(self.linear_2, None if shared else layers) if self.projector_type == "mlp2x_gelu"
+                         else (None, None)))
+        w1, b1, w2, b2 = weights
         x = _stacked(features.reshape(num_images * v, -1), w1, b1)  # (c, N*v, h)
         if self.projector_type == "mlp2x_gelu":
-            w2, b2 = _take(self.linear_2, None if shared else layers)
             x = _stacked(self.act(x), w2, b2)  # (c, N*v, h)
         x = x.view(x.shape[0], num_images, v, -1)
         if shared and count > 1 and expand:
             x = x.expand(count, -1, -1, -1)  # shared MLP: a view, no copy
         return x  # (count, N, v, h)
+
+    def layer_weights(self) -> list[tuple[torch.Tensor | None, ...]]:
+        """Each MLP's (w1, b1, w2, b2) as (1, out, in) / (1, out) views, for `forward(weights=...)`. One `unbind`
+        per stacked tensor: autograd stacks the n gradients back once, where a slice per MLP would make a
+        full-size zero gradient per slice."""
+        lin2 = getattr(self, "linear_2", None)
+        tensors = (self.linear_1.weight, self.linear_1.bias, None if lin2 is None else lin2.weight,
+                   None if lin2 is None else lin2.bias)
+        split = [[None] * self.num_mlps if t is None else [p.unsqueeze(0) for p in t.unbind(0)] for t in tensors]
+        return list(zip(*split))
 
     @torch.no_grad()
     def expand(self) -> None:

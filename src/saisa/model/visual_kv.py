@@ -6,7 +6,8 @@ each layer's k_proj/v_proj with its input-norm weight folded in, so a chunk's K/
 RoPE and the copies are done once for all the chunk's layers (fused.visual_kv_chunk) instead of per layer. The
 compiled prefill stops earlier (`saisa_visual_inputs`): each layer's normalised visual inputs, which its text step
 projects together with the text rows. On CUDA the chunks can run on a side stream with one event per chunk, so the
-compute-bound visual path can overlap the memory-bound text layers.
+compute-bound visual path can overlap the memory-bound text layers. In training with per-layer projectors
+(stage 2), `recomputed_key_value` trades the visual activations for a second forward of the visual path in backward.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
+from torch.utils.checkpoint import checkpoint
 
 from .decoder import apply_rope
 from .fused import visual_inputs_chunk, visual_kv_chunk
@@ -108,10 +110,13 @@ def saisa_visual_kv(
     folded: FoldedKV | None = None,
     chunk: int | None = None,
     stream: torch.cuda.Stream | None = None,
+    recompute: bool = False,
 ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[torch.cuda.Event | None]]:
     """Per-layer visual (K, V) rotated at the images' positions, (B, Hkv, I*v, D), and per-layer events (see
     `_by_chunks`). With `folded`, each chunk is fused.visual_kv_chunk; without, the reference: each layer's own
-    input norm, k_proj/v_proj and RoPE."""
+    input norm, k_proj/v_proj and RoPE. recompute (training, per-layer projectors): `recomputed_key_value`."""
+    if recompute and folded is None and projector.num_mlps > 1:
+        return recomputed_key_value(layers, projector, features, layout, cos, sin), [None] * len(layers)
 
     def compute(sl: slice, slots: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if folded is None:
@@ -147,6 +152,24 @@ def saisa_visual_inputs(
         return list(fn(features, slots, *projector_weights(projector, sl), n, eps, text_len).unbind(0))
 
     return _by_chunks(num_layers, chunk, layout, stream, compute)
+
+
+def recomputed_key_value(layers: nn.ModuleList, projector: nn.Module, features: torch.Tensor, layout: SequenceLayout,
+                         cos: torch.Tensor, sin: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Stage 2's visual (K, V) per layer, each under its own activation checkpoint: layer i's MLP_i(Z), placement,
+    input norm, k_proj/v_proj and RoPE are recomputed from Z when backward reaches layer i, so autograd keeps only
+    Z (shared by all layers) and the outputs, instead of four (B, I*v, h) activations per layer (3.2 GB at the
+    bench's Qwen2-1.5B stage 2, micro-batch 16), at the cost of running the visual path's forward twice. One layer at
+    a time, so backward holds one layer's activations; the MLP weights enter as `layer_weights` views."""
+    slots = layout.image_slots.clamp(min=0)
+    weights = projector.layer_weights()
+
+    def one_layer(layer: nn.Module, features: torch.Tensor, *mlp: torch.Tensor | None):
+        visual = projector(features, weights=mlp)[:, slots].flatten(2, 3)  # (1, B, Sv, h)
+        return stacked_key_value([layer], visual, cos, sin)[0]
+
+    return [checkpoint(one_layer, layer, features, *weights[i], use_reentrant=False, preserve_rng_state=False)
+            for i, layer in enumerate(layers)]
 
 
 def stacked_key_value(layers: nn.ModuleList | list, visual: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
@@ -209,7 +232,7 @@ def _eps(norm: nn.Module) -> float:
 
 def projector_weights(projector: nn.Module, layers: slice) -> tuple[torch.Tensor | None, ...]:
     """(w1, b1, w2, b2) of the projector MLPs of `layers` (the one shared MLP when it is shared)."""
-    pick = (lambda p: p if p is None or projector.num_mlps == 1 else p[layers])  # noqa: E731
+    pick = (lambda p: p if p is None or projector.num_mlps == 1 else p[layers])
     lin2 = getattr(projector, "linear_2", None)
     return (pick(projector.linear_1.weight), pick(projector.linear_1.bias),
             pick(None if lin2 is None else lin2.weight), pick(None if lin2 is None else lin2.bias))

@@ -40,6 +40,9 @@ class ModelConfig:
     vision_feature_select_strategy: Literal["default", "full"] = "default"
     init_from: str | None = None
     """A `from_pretrained` folder (e.g. stage 1's `final/`) to start from instead of llm + vision."""
+    init_delta: str | None = None
+    """A `saisa.train.delta` file applied to the model built from llm + vision (or loaded from `init_from`): start
+    from a shipped trained model without shipping its pretrained parts (e.g. assets/demo-checkpoint)."""
 
     def __post_init__(self) -> None:
         if self.init_from is None and (self.llm is None or self.vision is None):
@@ -112,6 +115,9 @@ class TrainRecipe:
     seed: int = 42
     precision: Literal["bf16", "fp32"] = "bf16"
     gradient_checkpointing: bool = False
+    visual_recompute: bool = False
+    """saisa with per-layer projectors (stage 2): recompute each layer's visual K/V in backward, keeping only the
+    vision features (less activation memory, a second forward of the visual path)."""
     compile: bool = False
     save_every: int | None = None
     """Checkpoint every N optimizer steps and at the last one (null: no checkpoints, only the final export)."""

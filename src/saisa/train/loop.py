@@ -34,7 +34,12 @@ from torch import nn
 
 from saisa.train import checkpoint as ckpt
 from saisa.train.config import TrainRecipe, dump_recipe
-from saisa.train.parallel import configure_accelerator, ddp_kwargs, mixed_precision, parallelize
+from saisa.train.parallel import (
+    configure_accelerator,
+    ddp_kwargs,
+    mixed_precision,
+    parallelize,
+)
 from saisa.train.stages import apply_stage, is_lora, param_groups, trainable_summary
 
 logger = logging.getLogger(__name__)
@@ -260,7 +265,8 @@ def fit(model: nn.Module, dataset, collate_fn: Callable, recipe: TrainRecipe, *,
     model = apply_stage(model, recipe.stage)
     if is_main:
         logger.info("stage %d: %s", recipe.stage.stage, trainable_summary(model))
-    parallelize(model, gradient_checkpointing=recipe.gradient_checkpointing, compile=recipe.compile)
+    parallelize(model, gradient_checkpointing=recipe.gradient_checkpointing, compile=recipe.compile,
+                visual_recompute=recipe.visual_recompute)
     sched = recipe.schedule
     layout = BatchLayout(len(dataset), sched.global_batch, sched.micro_batch, accelerator.num_processes)
     accum = layout.accumulation
@@ -400,7 +406,8 @@ def _forward_backward(model, micro_batches, accum: int, accelerator, visual_toke
         has_targets = bool((batch.labels[:, 1:] != IGNORE_INDEX).any())
         batch = batch.to(accelerator.device)
         with accelerator.accumulate(model):
-            out = model(**batch.model_inputs())
+            # With targets the loss skips the logits (saisa.model.loss); without, the logits make the zero below.
+            out = model(**batch.model_inputs(), skip_logits=has_targets)
             if has_targets:
                 loss = out.loss
                 local[0] += loss.detach().double()

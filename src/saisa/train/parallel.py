@@ -101,10 +101,14 @@ def mixed_precision(precision: str) -> str:
     return {"bf16": "bf16", "fp32": "no"}[precision]
 
 
-def parallelize(model: nn.Module, *, gradient_checkpointing: bool, compile: bool) -> nn.Module:
-    """Apply activation checkpointing and compile (in that order); sharding happens in `accelerator.prepare`."""
+def parallelize(model: nn.Module, *, gradient_checkpointing: bool, compile: bool,
+                visual_recompute: bool = False) -> nn.Module:
+    """Apply activation checkpointing (decoder layers; the saisa visual path with `visual_recompute`) and compile
+    (in that order); sharding happens in `accelerator.prepare`."""
     if gradient_checkpointing:
         apply_activation_checkpointing(model)
+    if visual_recompute:
+        core_model(model).visual_recompute = True
     if compile:
         apply_compile(model)
     return model

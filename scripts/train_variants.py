@@ -1,0 +1,167 @@
+"""Training step time and peak memory, saisa vs llava, per loss / recompute / compile variant, on the GPU.
+
+The benchmark suite's training entries (saisa.bench: paper preset, `Suite.train`'s step, timing and peak memory), run
+under variants of the stage-2 step (Qwen2-1.5B shape, micro-batch 16, 192 text tokens, everything but the vision
+tower trained):
+- logits: the loss through the full (B, L, vocab) logits (forward with skip_logits=False), no recompute: the old path;
+- chunked: the default training loss (saisa.model.loss, no full logits);
+- recompute: chunked + saisa's per-layer visual K/V recomputed in backward (model.visual_recompute; llava has none);
+- compile: chunked + the trainer's `torch.compile` (saisa.train.parallel.apply_compile: FFNs and projector);
+  a failure is recorded as the entry's error, not raised.
+Then stage 1 at the 7B shape (LLM frozen, projector trained) for the default variant, and a torch.profiler table of
+one default stage-2 step per system (scripts/profile_train.py). Prints a table with the saisa / llava ratios of the
+issue's targets (samples/s >= 2x, peak <= 0.5x; saisa's recompute variant against llava's chunked one); writes JSON.
+
+Unusual here: one model per architecture serves all stage-2 variants (the logits variant shadows the instance's
+forward; compile, which changes the modules, runs last), and the suite's time budget skips what would run past it.
+
+    PYTHONPATH=src python3 scripts/train_variants.py --out $OUT/train-variants.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import time
+from dataclasses import asdict, replace
+from typing import Any
+
+import profile_train  # scripts/: the torch.profiler table of one step
+import torch
+import torch._dynamo
+
+from saisa.bench.setting import PRESETS, Repeats, Setting
+from saisa.bench.suite import Suite
+from saisa.bench.systems import build_ours
+from saisa.bench.timing import environment, free_memory, measure_ceilings
+from saisa.train.parallel import apply_compile
+
+VARIANTS = ("logits", "chunked", "recompute", "compile")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True, help="results JSON")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {','.join(VARIANTS)}")
+    ap.add_argument("--repeats", type=int, default=5, help="timed steps per entry (median reported)")
+    ap.add_argument("--top", type=int, default=12, help="kernels in each profiler table (0: no profile)")
+    ap.add_argument("--no-stage1", action="store_true", help="skip stage 1 at the 7B shape")
+    ap.add_argument("--budget-s", type=float, default=300, help="entries starting after this many seconds are skipped")
+    ap.add_argument("--preset", default="paper", help="bench preset ('tiny' + --device cpu: a smoke run)")
+    ap.add_argument("--device", default="cuda")
+    args = ap.parse_args()
+    variants = [v for v in args.variants.split(",") if v]
+    if set(variants) - set(VARIANTS):
+        raise SystemExit(f"unknown variants {sorted(set(variants) - set(VARIANTS))}; choose from {VARIANTS}")
+
+    setting, device = PRESETS[args.preset], torch.device(args.device)
+    dtype = getattr(torch, setting.dtype)
+    ceilings = measure_ceilings(device, dtype, warmup=2, repeats=5)
+    suite = Suite(setting, device, Repeats(train_warmup=2, train_repeats=args.repeats), ceilings,
+                  budget_s=args.budget_s)
+    results: dict[str, Any] = {"environment": environment(device, dtype), "setting": asdict(setting),
+                               "ceilings": ceilings.as_dict(), "entries": suite.entries}
+
+    # ------------------------------------------------------------------------------------------------- stage 2
+    for arch in ("saisa", "llava"):
+        model = build_ours(setting, arch, device, text_config=setting.train_text_config, seed=2)
+        for variant in variants:
+            if variant == "recompute" and arch != "saisa":
+                continue
+            run_variant(suite, setting, arch, model, variant)
+        del model
+        torch._dynamo.reset()
+        free_memory(device)
+
+    # ------------------------------------------------------------------------------------------------- stage 1
+    if not args.no_stage1:
+        suite.setting = setting
+        saisa = build_ours(setting, "saisa", device, projector_sharing="shared")
+        llava = build_ours(setting, "llava", device, donor=saisa)  # borrows the 7B LLM, lm_head and tower
+        for arch, model in (("saisa", saisa), ("llava", llava)):
+            suite.train(1, arch, model, setting.text_config)
+            suite.entries[-1]["variant"] = "chunked"
+        del saisa, llava, model
+        free_memory(device)
+
+    # ------------------------------------------------------------------------------------------------- profile
+    results["profile"] = {}
+    if args.top and device.type == "cuda" and not suite.over_budget():
+        for arch in ("saisa", "llava"):
+            try:
+                results["profile"][arch] = profile_train.profile_one(arch, setting, device, args.top)
+            except Exception as err:  # noqa: BLE001 - the timings above are what matter
+                results["profile"][arch] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
+            free_memory(device)
+
+    results["summary"] = summary(suite.entries)
+    results["wall_s"] = round(time.perf_counter() - suite._t0, 1)
+    print_table(suite.entries, results["summary"])
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=1, default=str)
+    print(json.dumps({"summary": results["summary"], "wall_s": results["wall_s"]}))
+
+
+def run_variant(suite: Suite, setting: Setting, arch: str, model: torch.nn.Module, variant: str) -> None:
+    """One stage-2 entry of `model` under `variant`, labelled with it; the model is left as it was (but compiled)."""
+    s = suite.setting = replace(setting, train_visual_recompute=variant == "recompute")
+    reps = suite.reps
+    if variant == "logits":
+        model.forward = functools.partial(type(model).forward, model, skip_logits=False)
+    if variant == "compile":
+        suite.reps = replace(reps, train_warmup=3)  # the first steps compile (forward, then backward)
+        try:
+            apply_compile(model)
+        except Exception as err:  # noqa: BLE001 - recorded as the entry's error below
+            suite.record({"section": "train", "system": arch, "arch": arch, "stage": 2, "variant": variant,
+                          "status": "error", "error": f"{type(err).__name__}: {str(err)[:300]}"})
+            return
+    try:
+        suite.train(2, arch, model, s.train_text_config)
+    finally:
+        suite.reps = reps
+        model.__dict__.pop("forward", None)
+    suite.entries[-1]["variant"] = variant
+    if variant == "logits" and "loss" in suite.entries[-1]:
+        suite.entries[-1]["loss"] = "logits"
+
+
+def summary(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """saisa / llava per stage and variant: samples/s ratio (target >= 2) and peak-memory ratio (target <= 0.5)."""
+    ok = {(e["stage"], e["arch"], e.get("variant")): e for e in entries if e.get("status") == "ok"}
+    rows = []
+    for (stage, arch, variant), ours in ok.items():
+        if arch != "saisa":
+            continue
+        ref = ok.get((stage, "llava", "chunked" if variant == "recompute" else variant))
+        if ref is None:
+            continue
+        speed = ours["samples_per_s"] / ref["samples_per_s"]
+        memory = ours["peak_mb"] / ref["peak_mb"] if ours.get("peak_mb") and ref.get("peak_mb") else None  # CUDA only
+        rows.append({"stage": stage, "variant": variant, "llava_variant": ref.get("variant"), "speed_ratio": speed,
+                     "memory_ratio": memory, "speed_target_met": speed >= 2.0,
+                     "memory_target_met": None if memory is None else memory <= 0.5})
+    return rows
+
+
+def print_table(entries: list[dict[str, Any]], rows: list[dict[str, Any]]) -> None:
+    print(f"\n{'stage':>5} {'variant':>10} {'arch':>6} {'status':>7} {'median ms':>10} {'p10-p90 ms':>14} "
+          f"{'samples/s':>10} {'peak MiB':>9}")
+    for e in entries:
+        if e.get("section") != "train":
+            continue
+        spread = f"{e['p10_ms']:.1f}-{e['p90_ms']:.1f}" if "p10_ms" in e else "-"
+        print(f"{e['stage']:>5} {e.get('variant', '-'):>10} {e['arch']:>6} {e['status']:>7} "
+              f"{e.get('median_ms', float('nan')):>10.1f} {spread:>14} {e.get('samples_per_s', float('nan')):>10.2f} "
+              f"{e.get('peak_mb', float('nan')):>9.0f}" + (f"  {e['error']}" if e.get("error") else ""))
+    print(f"\n{'stage':>5} {'saisa':>10} {'llava':>10} {'speed x':>8} {'memory x':>9}  targets: speed >= 2, memory <= 0.5")
+    for r in rows:
+        mem = f"{r['memory_ratio']:.3f}" if r["memory_ratio"] is not None else "-"
+        met = {True: "met", False: "missed", None: "-"}
+        print(f"{r['stage']:>5} {r['variant']:>10} {r['llava_variant']:>10} {r['speed_ratio']:>8.3f} {mem:>9}"
+              f"  {met[r['speed_target_met']]} / {met[r['memory_target_met']]}")
+
+
+if __name__ == "__main__":
+    main()
