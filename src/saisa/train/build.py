@@ -89,8 +89,18 @@ def build_model(cfg: ModelConfig, *, projector_sharing: str = "per_layer", seed:
     `projector_sharing` applies to saisa built from parts: "shared" for stage 1 (one MLP), "per_layer" otherwise.
     The new projector is initialised under `seed` (torch seeds each process randomly, so without it two runs, or two
     ranks of one run, would start from different projectors). With `cfg.init_from`, the saved model, tokenizer and
-    image processor are loaded as they are.
+    image processor are loaded as they are. `cfg.init_delta` is then applied (`saisa.train.delta.apply`).
     """
+    model, tokenizer, image_processor = _build(cfg, projector_sharing, seed)
+    if cfg.init_delta is not None:
+        from saisa.train.delta import apply
+
+        apply(model, cfg.init_delta)
+        logger.info("applied the delta %s", cfg.init_delta)
+    return model, tokenizer, image_processor
+
+
+def _build(cfg: ModelConfig, projector_sharing: str, seed: int) -> tuple[nn.Module, Any, Any]:
     from saisa.model.vision import image_processor_for
 
     if cfg.init_from is not None:
