@@ -3,6 +3,8 @@ same loss and same gradients for shared (stage 1) and per-layer (stage 2) projec
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 from conftest import (
@@ -102,15 +104,10 @@ def test_rms_norm_matches_transformers(shape, weight_shape):
     assert torch.equal(visual_kv._RMSNorm.apply(xb, wb, 1e-6), hf_rms_norm(xb, wb))
 
 
-def test_shared_input_is_kept_once_for_backward():
-    """Stage 1 (LLM frozen, one shared projector input): autograd keeps the input (once) and an fp32 rstd per row,
-    nothing per layer, and no weight copies."""
-    model = tiny_model("saisa", text=tiny_text_config(num_hidden_layers=4)).train()
-    model.requires_grad_(False)
-    layers = model.language_model.model.layers
-    b, sv, h = 2, 16, model.config.text_config.hidden_size
-    visual = torch.randn(1, b, sv, h, requires_grad=True)
-    cos, sin = model.language_model.model.rotary_emb(visual, torch.arange(sv).expand(b, -1))
+@contextmanager
+def saved_bytes(model):
+    """Yields {storage: bytes} of the tensors autograd saves for backward inside the block, the model's own
+    parameters not counted."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
 
@@ -120,6 +117,19 @@ def test_shared_input_is_kept_once_for_backward():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield saved
+
+
+def test_shared_input_is_kept_once_for_backward():
+    """Stage 1 (LLM frozen, one shared projector input): autograd keeps the input (once) and an fp32 rstd per row,
+    nothing per layer, and no weight copies."""
+    model = tiny_model("saisa", text=tiny_text_config(num_hidden_layers=4)).train()
+    model.requires_grad_(False)
+    layers = model.language_model.model.layers
+    b, sv, h = 2, 16, model.config.text_config.hidden_size
+    visual = torch.randn(1, b, sv, h, requires_grad=True)
+    cos, sin = model.language_model.model.rotary_emb(visual, torch.arange(sv).expand(b, -1))
+    with saved_bytes(model) as saved:
         kv = visual_kv.stacked_key_value(layers, visual, cos, sin)
     rope_tables = cos.untyped_storage().nbytes() + sin.untyped_storage().nbytes()
     gammas = len(layers) * h * 4
@@ -177,15 +187,7 @@ def test_recomputed_visual_path_keeps_only_the_features():
     layout = model.layout(ids, torch.ones_like(ids), features.shape[0], features.shape[1])
     pos, _ = layout.visual_positions(features.shape[1])
     cos, sin = model.language_model.model.rotary_emb(features, pos)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in params:
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with saved_bytes(model) as saved:
         kv, _ = visual_kv.saisa_visual_kv(layers, projector, features, layout, cos, sin, recompute=True)
     small = sum(t.untyped_storage().nbytes() for t in (cos, sin, layout.image_slots))
     assert sum(saved.values()) <= features.untyped_storage().nbytes() + small

@@ -127,14 +127,13 @@ def _messages(record: dict[str, Any], folder: Path, description: str | None = No
     """The test question as the training data asks it: image, question, short-answer instruction. With a
     `description` (describe-first answering), the conversation of train_describe_qa.json: the image with the caption
     request, the description as the assistant's turn, then the question."""
-    from saisa.data.synth import CAPTION_PROMPT, SHORT_ANSWER_PROMPT
+    from saisa.data.synth import SHORT_ANSWER_PROMPT
 
-    image = {"type": "image", "path": str(folder / record["image"])}
     question = {"type": "text", "text": f"{record['question']}\n{SHORT_ANSWER_PROMPT}"}
     if description is None:
-        return [{"role": "user", "content": [image, question]}]
-    return [{"role": "user", "content": [image, {"type": "text", "text": CAPTION_PROMPT}]},
-            {"role": "assistant", "content": description}, {"role": "user", "content": [question]}]
+        return [{"role": "user", "content": [{"type": "image", "path": str(folder / record["image"])}, question]}]
+    return [*_describe_request(record, folder), {"role": "assistant", "content": description},
+            {"role": "user", "content": [question]}]
 
 
 def describe_first_record(record: dict[str, Any]) -> dict[str, Any]:

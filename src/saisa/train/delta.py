@@ -11,7 +11,6 @@ evaluated after packing, not assumed lossless.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -146,11 +145,4 @@ def _dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale.unsqueeze(-1)
 
 
-def describe(path: str | Path) -> str:
-    """One line on a delta file: size, tensors, metadata (for logs)."""
-    meta = read_metadata(path)
-    n = len(load_file(str(path)))
-    return f"{path}: {Path(path).stat().st_size / 2**20:.1f} MiB, {n} tensors, {json.dumps(meta)}"
-
-
-__all__ = ["FORMAT", "DeltaError", "apply", "describe", "pack", "read_metadata"]
+__all__ = ["FORMAT", "DeltaError", "apply", "pack", "read_metadata"]
