@@ -4,7 +4,9 @@ The benchmark suite's models and stages (saisa.bench, paper preset) with `--laye
 Vicuna-7B width (saisa: one shared projector MLP; LLM frozen), stage 2 at the Qwen2-1.5B width (saisa: per-layer MLPs;
 everything but the vision tower trained); bf16, micro-batch 2, 192 text tokens and one 576-token image per sample.
 Variants: `logits` (the loss through the full (B, L, vocab) logits, skip_logits=False), `chunked` (the default training
-loss, saisa.model.loss) and, for saisa in stage 2, `chunked+recompute` (model.visual_recompute). Per system it counts:
+loss, saisa.model.loss; saisa's stage 2 through its one-Function visual path, model.fused_visual_kv) and, for saisa
+in stage 2, `chunked+saved` (the visual path through autograd, which keeps its activations) and `chunked+recompute`
+(per-layer checkpoints, model.visual_recompute). Per system it counts:
 - saved: bytes autograd keeps for backward (a saved_tensors_hooks pack hook), deduplicated by storage, parameters
   left out; split into the visual path (saisa: projector + every layer's visual K/V, `saisa_visual_kv`; llava: the
   projector), the loss (after the final norm: lm_head + cross-entropy; the chunked loss keeps the lm_head weight's
@@ -141,7 +143,7 @@ def stage_setting(setting: Setting, stage: int, layers: int) -> tuple[Setting, d
     return replace(setting, text_config=text, vision_config=vision), text
 
 
-VARIANTS = ("logits", "chunked", "chunked+recompute")
+VARIANTS = ("logits", "chunked", "chunked+saved", "chunked+recompute")
 
 
 def run_stage(setting: Setting, stage: int, layers: int, batch: int, t: int) -> list[dict]:
@@ -162,15 +164,16 @@ def run_stage(setting: Setting, stage: int, layers: int, batch: int, t: int) -> 
         model.train()
         for variant in VARIANTS:
             recompute = variant.endswith("+recompute")
-            if recompute and (arch != "saisa" or stage != 2):
-                continue  # only per-layer projectors recompute
+            if "+" in variant and (arch != "saisa" or stage != 2):
+                continue  # only per-layer projectors have these variants
             model.visual_recompute = recompute
+            model.fused_visual_kv = variant == "chunked"
             row = {"stage": stage, "arch": arch, "variant": variant, "llm": f"{layers}x{spec.hidden_size}",
                    **measure(model, x.ids, x.features, skip_logits=variant != "logits")}
             if arch == "saisa":
                 row["visual_kv_floor_mb"] = floor_kv / MB
             rows.append(row)
-        model.visual_recompute = False
+        model.visual_recompute, model.fused_visual_kv = False, True
     return rows
 
 

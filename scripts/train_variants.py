@@ -3,14 +3,20 @@
 The benchmark suite's training entries (saisa.bench: paper preset, `Suite.train`'s step, timing and peak memory), run
 under variants of the stage-2 step (Qwen2-1.5B shape, micro-batch 16, 192 text tokens, everything but the vision
 tower trained):
-- logits: the loss through the full (B, L, vocab) logits (forward with skip_logits=False), no recompute: the old path;
-- chunked: the default training loss (saisa.model.loss, no full logits);
-- recompute: chunked + saisa's per-layer visual K/V recomputed in backward (model.visual_recompute; llava has none);
+- logits: the loss through the full (B, L, vocab) logits (forward with skip_logits=False);
+- chunked: the defaults: the chunked training loss (saisa.model.loss, no full logits) and, for saisa, all layers'
+  visual K/V in one autograd Function that keeps Z and recomputes the projector MLPs in backward
+  (model.fused_visual_kv, saisa.model.visual_grad);
+- saved: chunked, saisa's visual path through autograd, which keeps every layer's visual activations
+  (fused_visual_kv off: the default before the Function; llava has no such path);
+- recompute: chunked + saisa's per-layer visual K/V recomputed in backward under per-layer checkpoints
+  (model.visual_recompute; llava has none);
 - compile: chunked + the trainer's `torch.compile` (saisa.train.parallel.apply_compile: FFNs and projector);
   a failure is recorded as the entry's error, not raised.
 Then stage 1 at the 7B shape (LLM frozen, projector trained) for the default variant, and a torch.profiler table of
 one default stage-2 step per system (scripts/profile_train.py). Prints a table with the saisa / llava ratios of the
-issue's targets (samples/s >= 2x, peak <= 0.5x; saisa's recompute variant against llava's chunked one); writes JSON.
+issue's targets (samples/s >= 2x, peak <= 0.5x; saisa's saved and recompute variants against llava's chunked one);
+writes JSON.
 
 Unusual here: one model per architecture serves all stage-2 variants (the logits variant shadows the instance's
 forward; compile, which changes the modules, runs last), and the suite's time budget skips what would run past it.
@@ -37,7 +43,8 @@ from saisa.bench.systems import build_ours
 from saisa.bench.timing import environment, free_memory, measure_ceilings
 from saisa.train.parallel import apply_compile
 
-VARIANTS = ("logits", "chunked", "recompute", "compile")
+VARIANTS = ("logits", "chunked", "saved", "recompute", "compile")
+SAISA_ONLY = {"saved", "recompute"}  # compared with llava's chunked entry
 
 
 def main() -> None:
@@ -67,7 +74,7 @@ def main() -> None:
     for arch in ("saisa", "llava"):
         model = build_ours(setting, arch, device, text_config=setting.train_text_config, seed=2)
         for variant in variants:
-            if variant == "recompute" and arch != "saisa":
+            if variant in SAISA_ONLY and arch != "saisa":
                 continue
             run_variant(suite, setting, arch, model, variant)
         del model
@@ -105,7 +112,8 @@ def main() -> None:
 
 def run_variant(suite: Suite, setting: Setting, arch: str, model: torch.nn.Module, variant: str) -> None:
     """One stage-2 entry of `model` under `variant`, labelled with it; the model is left as it was (but compiled)."""
-    s = suite.setting = replace(setting, train_visual_recompute=variant == "recompute")
+    s = suite.setting = replace(setting, train_visual_recompute=variant == "recompute",
+                                train_fused_visual_kv=variant not in SAISA_ONLY)
     reps = suite.reps
     if variant == "logits":
         model.forward = functools.partial(type(model).forward, model, skip_logits=False)
@@ -134,7 +142,7 @@ def summary(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for (stage, arch, variant), ours in ok.items():
         if arch != "saisa":
             continue
-        ref = ok.get((stage, "llava", "chunked" if variant == "recompute" else variant))
+        ref = ok.get((stage, "llava", "chunked" if variant in SAISA_ONLY else variant))
         if ref is None:
             continue
         speed = ours["samples_per_s"] / ref["samples_per_s"]

@@ -213,10 +213,12 @@ def test_cli_report_writes_markdown(results, tmp_path):
 
 def test_cli_names_match_the_suite():
     from saisa.bench import cli, setting, suite
+    from saisa.model import fused
 
     assert cli.SECTIONS == suite.SECTIONS
     assert cli.SYSTEMS == suite.INFERENCE_SYSTEMS
     assert set(cli.PRESETS) == set(setting.PRESETS)
+    assert set(cli.ATTENTION) == set(fused.ATTENTION)
 
 
 def test_cli_rejects_unknown_section(tmp_path):

@@ -183,3 +183,17 @@ def test_max_objects_bounds_the_scenes(tmp_path, capsys):
         assert _check_answer(record) == record["answer"]
     assert synth_main(tmp_path / "bad", 4, seed=0, max_objects=7) == 2
     assert "max_objects must be in 1..6" in capsys.readouterr().err
+
+
+def test_questions_per_scene(tmp_path):
+    """--questions 6 asks every category a scene can pose (relation needs two shapes), each once."""
+    assert synth_main(tmp_path, 20, seed=2, n_test=12, image_size=48, questions_per_scene=6) == 0
+    records = _load(tmp_path, "train_qa.json")
+    for r in records:
+        usable = [c for c in CATEGORIES if not (c == "relation" and len(r["objects"]) < 2)]
+        assert sorted(r["categories"]) == sorted(usable)
+    describe = {r["image"]: r for r in _load(tmp_path, "train_describe_qa.json")}
+    for r in records:  # the describe-first record asks the same questions after the caption turn
+        turns = describe[r["image"]]["conversations"]
+        assert len(turns) == 2 + len(r["conversations"])
+    assert json.loads((tmp_path / "synth_meta.json").read_text())["questions_per_scene"] == 6

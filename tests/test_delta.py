@@ -88,3 +88,22 @@ def test_bad_delta_files(tmp_path):
               metadata={"format": delta.FORMAT})
     with pytest.raises(delta.DeltaError, match="another configuration"):
         delta.apply(base, tmp_path / "shape.safetensors")
+
+
+def test_init_delta_checks_its_parts(tmp_path, monkeypatch):
+    """model.init_delta: applied by build_model when packed against the recipe's parts, refused otherwise."""
+    from saisa.train import build
+    from saisa.train.build import build_model
+    from saisa.train.config import ModelConfig
+
+    base = tiny_model("saisa", projector_sharing="shared")
+    monkeypatch.setattr(build, "_build", lambda cfg, sharing, seed: (copy.deepcopy(base), None, None))
+    trained = _trained_from(base, rank=2)
+    for parts, name in (({"llm": "tiny", "vision": "tiny"}, "ok"), ({"llm": "smollm2", "vision": "tiny"}, "bad")):
+        delta.pack(trained, base, tmp_path / f"{name}.safetensors", rank=2, metadata=parts)
+    built, _, _ = build_model(ModelConfig(llm="tiny", vision="tiny", init_delta=str(tmp_path / "ok.safetensors")),
+                              projector_sharing="shared")
+    key = "language_model.model.layers.0.mlp.up_proj.weight"
+    torch.testing.assert_close(built.state_dict()[key], trained.state_dict()[key], rtol=0, atol=1e-3)
+    with pytest.raises(delta.DeltaError, match="packed against"):
+        build_model(ModelConfig(llm="tiny", vision="tiny", init_delta=str(tmp_path / "bad.safetensors")))

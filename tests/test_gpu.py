@@ -24,10 +24,13 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-@pytest.mark.parametrize("arch,compile", [("saisa", False), ("saisa", True), ("naavit", False), ("llava", False)])
-def test_graphed_fast_path_matches_reference(arch, compile):
+@pytest.mark.parametrize("arch,compile,attention", [
+    ("saisa", False, "eager"), ("saisa", True, "eager"), ("saisa", True, "sdpa"), ("saisa", True, "flex"),
+    ("naavit", False, "eager"), ("llava", False, "eager"),
+])
+def test_graphed_fast_path_matches_reference(arch, compile, attention):
     """compile=True: the inductor-compiled path (fused.py: visual inputs on the side stream, one k/v GEMM over each
-    layer's visual and text rows), captured in the CUDA graph."""
+    layer's visual and text rows, attention in each form of fused.attend), captured in the CUDA graph."""
     model = _model(arch)
     ids = random_ids(40, seed=1)
     ids[5] = IMAGE_TOKEN_ID
@@ -35,7 +38,7 @@ def test_graphed_fast_path_matches_reference(arch, compile):
     feats = torch.randn(1, model.num_visual_tokens, 24, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         ref = model(input_ids=ids, image_features=feats).logits[:, -1:].float()
-        model.optimize_for_inference(fold=True, chunk=2, overlap=True, compile=compile)
+        model.optimize_for_inference(fold=True, chunk=2, overlap=True, compile=compile, attention=attention)
         assert (model._fused is not None) == compile
         eager_fast = model(input_ids=ids, image_features=feats).logits[:, -1:].float()
         graphed = GraphedForward(model, ids, image_features=feats)
@@ -100,3 +103,31 @@ def test_chunked_loss_in_bf16_matches_the_logits_path(arch):
     assert grads.keys() == ref_grads.keys()
     for name, g in ref_grads.items():
         assert _rel(grads[name], g) < 2e-2, name
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_fused_visual_kv_in_bf16_matches_autograd(autocast):
+    """saisa stage 2's one-Function visual path (model.fused_visual_kv) against autograd through the modules, in
+    bf16 weights, or fp32 weights under bf16 autocast (the trainer's mixed precision): loss and every gradient within
+    bf16 rounding."""
+    model = _model("saisa").train()
+    if autocast:
+        model.float()
+    ids = random_ids(40, seed=3).repeat(4, 1)
+    ids[:, 5] = IMAGE_TOKEN_ID
+    ids = ids.cuda()
+    feats = torch.randn(4, model.num_visual_tokens, 24, device="cuda", dtype=torch.bfloat16)
+    results = []
+    for fused in (False, True):
+        model.fused_visual_kv = fused
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(input_ids=ids, image_features=feats, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (ref, ref_grads), (out, grads) = results
+    assert_close(out, ref, atol=1e-2, rtol=1e-2)
+    assert grads.keys() == ref_grads.keys()
+    for name, g in ref_grads.items():
+        assert grads[name].dtype == g.dtype
+        assert _rel(grads[name], g) < 3e-2, name

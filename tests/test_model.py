@@ -17,7 +17,7 @@ from torch.testing import assert_close
 from transformers import AutoModelForImageTextToText
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from saisa import SaisaConfig, SaisaForConditionalGeneration
+from saisa import SaisaForConditionalGeneration
 
 
 # ----------------------------------------------------------------------------- naive reference
@@ -371,16 +371,21 @@ def test_shared_projector_chunks_match():
         assert_close(model(input_ids=ids, pixel_values=random_pixels(1)).logits, ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backbone", ["llama", "qwen2", "qwen3"])
-@pytest.mark.parametrize("sharing", ["per_layer", "shared"])
-def test_compiled_fused_path_computes_the_same_function(backbone, sharing):
-    """The pure-function path of fused.py (traced by dynamo; inductor is used on GPU) equals the reference."""
+@pytest.mark.parametrize("backbone,sharing,attention", [
+    *[(backbone, sharing, "eager") for backbone in ("llama", "qwen2", "qwen3") for sharing in ("per_layer", "shared")],
+    ("llama", "per_layer", "sdpa"),
+    ("llama", "per_layer", "flex"),
+])
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_compiled_fused_path_computes_the_same_function(backbone, sharing, attention):
+    """The pure-function path of fused.py (traced by dynamo; inductor is used on GPU) equals the reference, with
+    each form of attention (fused.attend; all three also in test_attention_forms_agree)."""
     model = tiny_model("saisa", text=tiny_text_config(backbone, num_hidden_layers=3), projector_sharing=sharing)
     ids = with_images(seed=21, length=11, image_at=[3, 8])[None]
     pixels = random_pixels(2)
     with torch.no_grad():
         ref = model(input_ids=ids, pixel_values=pixels).logits
-        model.optimize_for_inference(chunk=2, compile=True, compile_backend="eager")
+        model.optimize_for_inference(chunk=2, compile=True, compile_backend="eager", attention=attention)
         assert (model._fused is None) == (backbone == "qwen3"), "Qwen3 (k norms) keeps the reference path"
         fast = model(input_ids=ids, pixel_values=pixels).logits
         rows = text_rows(ids[0])
@@ -426,6 +431,34 @@ def test_merged_kv_gemm_on_a_padded_batch(backbone, kv, chunk):
     assert_close(fast[keep], ref[keep], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["eager", "flex"])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (6, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_attention_forms_agree(kind, heads, kv_heads, dtype):
+    """fused.attend's eager (grouped GQA) and flex forms equal SDPA with the same float mask: MHA, GQA, MQA, a
+    batch of 2, non-contiguous K/V views (as text_layer_step passes them), rows that see a single key."""
+    from saisa.model.fused import attend
+
+    g = torch.Generator().manual_seed(0)
+    b, t, s, d = 2, 5, 13, 8
+    q = torch.randn(b, t, heads, d, generator=g).to(dtype).transpose(1, 2)
+    kv = torch.randn(b, s, 2, kv_heads, d, generator=g).to(dtype)
+    k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # (B, Hkv, S, D) views
+    allowed = torch.rand(b, 1, t, s, generator=g) > 0.5
+    allowed[..., -t:] |= torch.eye(t, dtype=torch.bool)  # each query sees itself
+    allowed[1, 0, 0] = False
+    allowed[1, 0, 0, s - t] = True  # a row with one key
+    bias = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, float("-inf"))
+    ref = attend(q.float(), k.float(), v.float(), bias.float(), d**-0.5, "sdpa")
+    out = attend(q, k, v, bias, d**-0.5, kind)
+    assert out.shape == (b, heads, t, d) and out.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert_close(out.float(), ref, atol=tol, rtol=tol)
+    with pytest.raises(ValueError, match="unknown attention"):
+        attend(q, k, v, bias, d**-0.5, "flash")
+
+
 def test_text_step_needs_room_for_the_text_rows():
     from saisa.model.fused import text_layer_step, text_layer_tensors
     from saisa.model.visual_kv import fold_kv_weights
@@ -441,9 +474,11 @@ def test_text_step_needs_room_for_the_text_rows():
 
 
 @pytest.mark.slow
-def test_inductor_compiled_merged_path_on_cpu():
+@pytest.mark.parametrize("attention", ["eager", "flex"])
+def test_inductor_compiled_merged_path_on_cpu(attention):
     """The same path through inductor (CPU kernels): the in-place write of the text rows into each layer's buffer
-    and the merged k/v GEMM lower to the function the eager trace computes."""
+    and the merged k/v GEMM lower to the function the eager trace computes; flex: inductor's own attention kernel
+    (it read the strided V view wrongly until fused.attend made V contiguous)."""
     import shutil
 
     if shutil.which("g++") is None and shutil.which("clang++") is None:
@@ -454,7 +489,7 @@ def test_inductor_compiled_merged_path_on_cpu():
     pixels = random_pixels(2)
     with torch.no_grad():
         ref = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
-        model.optimize_for_inference(chunk=2, compile=True, compile_backend="inductor")
+        model.optimize_for_inference(chunk=2, compile=True, compile_backend="inductor", attention=attention)
         fast = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
         again = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
     keep = mask.bool() & (ids != IMAGE_TOKEN_ID)

@@ -139,6 +139,24 @@ def test_stage1_then_stage2_handoff(tmp_path):
     assert final.config.projector_sharing == "per_layer" and final.multi_modal_projector.num_mlps == 2
 
 
+def test_stage2_can_keep_the_shared_projector(tmp_path):
+    """stage.projector_sharing=shared: stage 2 trains the one stage-1 MLP and the LLM, without replicating it."""
+    model = model_for("saisa")
+    r = recipe(tmp_path, "stage.projector_sharing=shared", "schedule.max_steps=2")
+    projector_before = model.multi_modal_projector.linear_1.weight.detach().clone()
+    llm_before = model.language_model.model.layers[0].mlp.up_proj.weight.detach().clone()
+    result = fit(model, TinySet(), collate, r)
+    trained = params(result.model)
+    assert not torch.equal(trained["multi_modal_projector.linear_1.weight"], projector_before)
+    assert not torch.equal(trained["language_model.model.layers.0.mlp.up_proj.weight"], llm_before)
+    final = SaisaForConditionalGeneration.from_pretrained(result.export)
+    assert final.config.projector_sharing == "shared" and final.multi_modal_projector.num_mlps == 1
+    with pytest.raises(ValueError, match="not valid for stage 1"):
+        recipe(tmp_path, "stage.stage=1", "stage.projector_sharing=per_layer", stage=1)
+    with pytest.raises(ValueError, match="choose shared, per_layer or null"):
+        recipe(tmp_path, "stage.projector_sharing=both")
+
+
 def test_lora_export_merges(tmp_path):
     r = recipe(tmp_path, "stage.lora_r=4", "stage.lora_alpha=8", "optim.lr=1e-2", "schedule.max_steps=3")
     result = fit(model_for("llava"), TinySet(), collate, r)

@@ -1,5 +1,6 @@
 """saisa's training visual path (visual_kv.stacked_key_value) against a naive per-layer one built from the HF modules:
-same loss and same gradients for shared (stage 1) and per-layer (stage 2) projectors, and lean autograd memory."""
+same loss and same gradients for shared (stage 1) and per-layer (stage 2) projectors, and lean autograd memory; the
+per-layer checkpoints and the one-Function path of stage 2 (visual_grad.VisualKeyValue) against it."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from torch.func import functional_call
 from torch.testing import assert_close
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from saisa.model import visual_kv
+from saisa.model import visual_grad, visual_kv
 from saisa.model.decoder import query_key_value
 from saisa.train.stages import StageConfig, apply_stage
 
@@ -55,6 +56,7 @@ def batch(seed: int) -> torch.Tensor:
 def test_loss_and_gradients_match_the_naive_per_layer_path(sharing, backbone, trains_llm, monkeypatch):
     model = tiny_model("saisa", text=tiny_text_config(backbone, num_hidden_layers=3), projector_sharing=sharing)
     model = model.double().train()
+    model.fused_visual_kv = False  # the path under test here; the one-Function path is checked against it below
     model.requires_grad_(trains_llm)
     model.multi_modal_projector.requires_grad_(True)
     model.vision_tower.requires_grad_(False)
@@ -163,6 +165,7 @@ def test_recomputed_visual_path_gives_the_same_loss_and_gradients(backbone, trai
     checkpoint = visual_kv.checkpoint
     monkeypatch.setattr(visual_kv, "checkpoint", lambda *a, **kw: calls.append(1) or checkpoint(*a, **kw))
     model = tiny_model("saisa", text=tiny_text_config(backbone, num_hidden_layers=3)).double().train()
+    model.fused_visual_kv = False  # the reference: autograd keeps everything
     model.requires_grad_(trains_llm)
     model.multi_modal_projector.requires_grad_(True)
     model.vision_tower.requires_grad_(False)
@@ -193,3 +196,146 @@ def test_recomputed_visual_path_keeps_only_the_features():
     assert sum(saved.values()) <= features.untyped_storage().nbytes() + small
     sum(k.sum() + v.sum() for k, v in kv).backward()
     assert projector.linear_1.weight.grad is not None and projector.linear_2.bias.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------------------ one Function (stage 2)
+def ragged_batch(seed: int) -> torch.Tensor:
+    """Two images in sample 0, one in sample 1: an empty image slot (it reads image 0, masked)."""
+    rows = [random_ids(12, seed), random_ids(12, seed + 1)]
+    rows[0][[2, 7]] = IMAGE_TOKEN_ID
+    rows[1][4] = IMAGE_TOKEN_ID
+    return torch.stack(rows)
+
+
+def count_function_calls(monkeypatch) -> list:
+    calls: list = []
+    apply = visual_grad.VisualKeyValue.apply
+    monkeypatch.setattr(visual_grad.VisualKeyValue, "apply", lambda *a: calls.append(1) or apply(*a))
+    return calls
+
+
+def stage2_model(backbone: str, trains_llm: bool = True, dtype=torch.float64, layers: int = 3, **kw):
+    model = tiny_model("saisa", text=tiny_text_config(backbone, num_hidden_layers=layers), **kw).to(dtype).train()
+    model.requires_grad_(trains_llm)
+    model.multi_modal_projector.requires_grad_(True)
+    model.vision_tower.requires_grad_(False)
+    return model
+
+
+@pytest.mark.parametrize("backbone", ["llama", "qwen2"])  # plain; k/v biases
+@pytest.mark.parametrize("trains_llm", [False, True])
+@pytest.mark.parametrize("projector_type", ["mlp2x_gelu", "linear"])
+@pytest.mark.parametrize("ragged", [False, True])
+def test_visual_function_gives_the_same_loss_and_gradients(backbone, trains_llm, projector_type, ragged, monkeypatch):
+    """Stage 2 by default (model.fused_visual_kv): one Function for all layers' visual K/V, same loss and gradients
+    as autograd through the modules, up to the norm's fp32 rounding (transformers normalises in fp32)."""
+    model = stage2_model(backbone, trains_llm, projector_type=projector_type)
+    ids = ragged_batch(seed=34) if ragged else batch(seed=34)
+    pixels = random_pixels(3 if ragged else 4).double()
+    calls = count_function_calls(monkeypatch)
+    model.fused_visual_kv = False
+    ref_loss, ref_grads = loss_and_grads(model, ids, pixels)
+    assert not calls
+    model.fused_visual_kv = True
+    loss, grads = loss_and_grads(model, ids, pixels)
+    assert len(calls) == 1  # all three layers in one call
+    assert_close(loss, ref_loss, atol=0, rtol=1e-9)
+    assert grads.keys() == ref_grads.keys()
+    for name, ref in ref_grads.items():
+        assert_close(grads[name], ref, atol=1e-6 * ref.abs().max().item(), rtol=1e-6, msg=name)
+    if trains_llm:
+        layer = "language_model.model.layers.2."
+        want = {layer + "input_layernorm.weight", layer + "self_attn.k_proj.weight", layer + "self_attn.v_proj.weight"}
+        want |= {layer + "self_attn.k_proj.bias", layer + "self_attn.v_proj.bias"} if backbone == "qwen2" else set()
+        assert want <= grads.keys()
+
+
+def visual_kv_and_grads(model, features, ids, function: bool, chunk: int | None = None):
+    """Every layer's visual (K, V) from saisa_visual_kv, and the gradients of a fixed random function of them with
+    respect to Z and every parameter."""
+    layers, projector = model.language_model.model.layers, model.multi_modal_projector
+    features = features.detach().requires_grad_()
+    layout = model.layout(ids, torch.ones_like(ids), features.shape[0], features.shape[1])
+    pos, _ = layout.visual_positions(features.shape[1])
+    cos, sin = model.language_model.model.rotary_emb(features, pos)
+    model.zero_grad(set_to_none=True)
+    kv, _ = visual_kv.saisa_visual_kv(layers, projector, features, layout, cos, sin, chunk=chunk, function=function)
+    g = torch.Generator().manual_seed(5)
+    sum((t * torch.randn(t.shape, generator=g, dtype=t.dtype)).sum() for pair in kv for t in pair).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return [t.detach() for pair in kv for t in pair], features.grad, grads
+
+
+def test_visual_function_in_chunks_with_feature_gradients(monkeypatch):
+    """Chunks of layers (3 layers, 2 per call), and Z's gradient (a trained vision tower): as autograd's."""
+    model = stage2_model("qwen2")
+    features = model.encode_images(random_pixels(3).double())
+    ids = ragged_batch(seed=35)
+    ref_kv, ref_dz, ref_grads = visual_kv_and_grads(model, features, ids, function=False)
+    calls = count_function_calls(monkeypatch)
+    kv, dz, grads = visual_kv_and_grads(model, features, ids, function=True, chunk=2)
+    assert len(calls) == 2
+    for out, ref in zip(kv, ref_kv):
+        assert out.shape == ref.shape and out.stride(-1) == 1
+        assert_close(out, ref, atol=1e-7 * ref.abs().max().item(), rtol=1e-7)
+    assert_close(dz, ref_dz, atol=1e-6 * ref_dz.abs().max().item(), rtol=1e-6)
+    assert grads.keys() == ref_grads.keys()
+    for name, ref in ref_grads.items():
+        assert_close(grads[name], ref, atol=1e-6 * ref.abs().max().item(), rtol=1e-6, msg=name)
+
+
+def test_visual_function_in_bf16():
+    """bf16 (the GPU training dtype; mixed fp32 scales in place on bf16 rows): loss and gradients within bf16
+    rounding of autograd's."""
+    model = stage2_model("qwen2", dtype=torch.bfloat16)
+    ids, pixels = batch(seed=36), random_pixels(4).bfloat16()
+    model.fused_visual_kv = False
+    ref_loss, ref_grads = loss_and_grads(model, ids, pixels)
+    model.fused_visual_kv = True
+    loss, grads = loss_and_grads(model, ids, pixels)
+    assert_close(loss, ref_loss, atol=0, rtol=1e-2)
+    for name, ref in ref_grads.items():
+        assert grads[name].dtype == torch.bfloat16
+        err = (grads[name].float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)
+        assert err < 3e-2, name
+
+
+def test_visual_function_keeps_only_the_features_and_the_kv():
+    """What autograd keeps of the one-Function path: Z, the pre-RoPE K/V and fp32 RMS scales of every layer, the
+    stacked k/v and norm weights of the layers, the RoPE tables and slots; no (B, Sv, h) activation."""
+    model = stage2_model("qwen2", dtype=torch.float32, layers=4)
+    layers, projector = model.language_model.model.layers, model.multi_modal_projector
+    features = model.encode_images(random_pixels(4)).detach()
+    ids = batch(seed=37)
+    layout = model.layout(ids, torch.ones_like(ids), features.shape[0], features.shape[1])
+    pos, _ = layout.visual_positions(features.shape[1])
+    cos, sin = model.language_model.model.rotary_emb(features, pos)
+    attn = layers[0].self_attn
+    n, rows, h = len(layers), layout.image_slots.numel() * features.shape[1], projector.linear_1.out_features
+    kv_cols = attn.k_proj.out_features + attn.v_proj.out_features
+    kept = {}
+    for function in (True, False):
+        with saved_bytes(model) as saved:
+            kv, _ = visual_kv.saisa_visual_kv(layers, projector, features, layout, cos, sin, function=function)
+        kept[function] = sum(saved.values())
+        sum(k.sum() + v.sum() for k, v in kv).backward()
+    element = 4
+    weights = n * (h + kv_cols * h + kv_cols) * element  # stacked norm weights, k/v weights and biases
+    small = sum(t.untyped_storage().nbytes() for t in (features, cos, sin, layout.image_slots)) + weights
+    assert kept[True] <= small + n * rows * (kv_cols + 1) * element
+    assert kept[False] - kept[True] >= 2 * n * rows * h * element  # activations autograd keeps, the Function not
+
+
+def test_visual_function_falls_back_where_it_does_not_apply():
+    """Qwen3's per-head k norm, a shared (stage-1) projector and LoRA on k/v take the module path."""
+    projector = lambda m: m.multi_modal_projector
+    layers = lambda m: m.language_model.model.layers
+    model = stage2_model("llama")
+    assert visual_grad.supports_visual_function(layers(model), projector(model))
+    qwen3 = stage2_model("qwen3")
+    assert not visual_grad.supports_visual_function(layers(qwen3), projector(qwen3))
+    shared = stage2_model("llama", projector_sharing="shared")
+    assert not visual_grad.supports_visual_function(layers(shared), projector(shared))
+    lora = apply_stage(tiny_model("saisa"), StageConfig(stage=2, lora_r=4))
+    base = lora.get_base_model()
+    assert not visual_grad.supports_visual_function(layers(base), projector(base))

@@ -18,6 +18,7 @@ DEFAULT_RESULTS = Path("benchmarks/results")
 SECTIONS = ("prefill", "ttft", "throughput", "decode", "train")
 SYSTEMS = ("saisa", "naavit", "llava", "hf_llava", "saisa_opt", "hf_llava_graphs", "saisa_graphs", "llava_graphs")
 PRESETS = ("paper", "tiny")
+ATTENTION = ("eager", "sdpa", "flex")  # saisa.model.fused.ATTENTION
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -34,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated inference systems (default: {','.join(SYSTEMS)})")
     parser.add_argument("--compile", action="store_true",
                         help="also time HF LLaVA under torch.compile(mode='reduce-overhead') (prefill, first t only)")
+    parser.add_argument("--saisa-attention", choices=ATTENTION, default="eager",
+                        help="attention of the compiled saisa text layers (saisa.model.fused.attend; default: eager)")
     parser.add_argument("--preset", choices=PRESETS, default="paper",
                         help="model shapes: 'paper' (Vicuna-7B + CLIP-L/336, stage 2 at Qwen2-1.5B) or 'tiny'")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
@@ -67,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
 
     results = run_suite(PRESETS[args.preset], device=args.device, sections=args.only, systems=args.systems,
                         quick=args.quick, compile_hf=args.compile, budget_s=args.budget_s,
+                        saisa_attention=args.saisa_attention,
                         log=lambda line: print(line, file=sys.stderr, flush=True))
     env = results["environment"]
     name = args.name or f"{args.preset}-{_device_slug(env['device'])}" + ("-quick" if args.quick else "")

@@ -287,6 +287,9 @@ def _train_notes(entries: list[dict[str, Any]]) -> str:
         notes += " Loss chunked through the lm_head, without the full-vocabulary logits (saisa.model.loss)."
     if any(e.get("visual_recompute") for e in entries):
         notes += " saisa stage 2 recomputes its visual K/V in backward (model.visual_recompute)."
+    if any(e.get("fused_visual_kv") for e in entries):
+        notes += (" saisa stage 2 computes its visual K/V in one autograd Function that recomputes the projector MLPs"
+                  " in backward (model.fused_visual_kv).")
     return notes
 
 

@@ -52,6 +52,9 @@ class Setting:
     # Stage 2, saisa: recompute each layer's visual K/V in backward (model.visual_recompute). Off: it saves ~3 GB of
     # activations for a second forward of the visual path (scripts/train_variants.py measures both).
     train_visual_recompute: bool = False
+    # Stage 2, saisa: all layers' visual K/V in one autograd Function (model.fused_visual_kv, visual_grad.py), which
+    # keeps Z instead of the visual activations; off: autograd keeps them (the default before it).
+    train_fused_visual_kv: bool = True
     stage1_samples: int = 558_000  # LLaVA-1.5 recipe: LCS-558K pretraining
     stage2_samples: int = 665_000  # LLaVA-1.5 recipe: llava_v1_5_mix665k instruction tuning
     image_at: int = 35  # text tokens before the image (LLaVA-1.5's system prompt is about that long)

@@ -23,6 +23,7 @@ from torch import nn
 
 from saisa.flops import FLOPS_FUNCTIONS, lm_head_flops
 from saisa.model.loss import fusable
+from saisa.model.visual_grad import supports_visual_function
 
 from .setting import (
     Repeats,
@@ -198,9 +199,12 @@ class Suite:
         batch, t = s.train_batch, s.train_text_tokens
         spec, vspec = llm_spec(text_config), vision_spec(s.vision_config)
         recompute = s.train_visual_recompute and stage == 2 and arch == "saisa"
+        fused = (s.train_fused_visual_kv and not recompute and stage == 2 and arch == "saisa"
+                 and supports_visual_function(model.layers, model.multi_modal_projector))
         entry = {"section": "train", "system": arch, "arch": arch, "stage": stage, "batch": batch, "text_tokens": t,
-                 "llm": f"{spec.num_layers}x{spec.hidden_size}", "visual_recompute": recompute}
-        state: dict[str, Any] = {}
+                 "llm": f"{spec.num_layers}x{spec.hidden_size}", "visual_recompute": recompute,
+                 "fused_visual_kv": fused}
+        state: dict[str, Any] = {"fused_visual_kv": getattr(model, "fused_visual_kv", True)}
 
         def body(entry):
             model.requires_grad_(stage == 2)
@@ -208,6 +212,7 @@ class Suite:
             model.vision_tower.requires_grad_(False)
             model.train()
             model.visual_recompute = recompute
+            model.fused_visual_kv = s.train_fused_visual_kv
             trainable = [p for p in model.parameters() if p.requires_grad]
             sets = make_inputs(replace(s, text_config=text_config), batch, t, self.device, seed=stage)
 
@@ -236,6 +241,7 @@ class Suite:
             self.record(entry, timing, flops, nbytes, mem, params)
 
         def cleanup():
+            model.fused_visual_kv = state["fused_visual_kv"]
             state.clear()
             for p in model.parameters():
                 p.grad = None
@@ -309,8 +315,10 @@ def run_suite(
     setting: Setting, *, device: str | torch.device | None = None, sections: tuple[str, ...] = SECTIONS,
     systems: tuple[str, ...] = INFERENCE_SYSTEMS, quick: bool = False, compile_hf: bool = False,
     budget_s: float | None = None, repeats: Repeats | None = None, log: Callable[[str], None] = print,
+    saisa_attention: str = "eager",
 ) -> dict[str, Any]:
-    """Run the sections; return the results dict (schema in saisa.bench.report)."""
+    """Run the sections; return the results dict (schema in saisa.bench.report). saisa_attention: the attention
+    of the compiled saisa fast path (`optimize_for_inference(attention=...)`)."""
     for kind, given, known in (("sections", sections, SECTIONS), ("systems", systems, INFERENCE_SYSTEMS)):
         if set(given) - set(known):
             raise ValueError(f"unknown {kind} {sorted(set(given) - set(known))}; choose from {known}")
@@ -328,7 +336,7 @@ def run_suite(
     }
     inference = [sec for sec in sections if sec != "train"]
     log("building models ...")
-    suite.systems, skipped, hf, ours = make_systems(setting, device, systems, compile_hf)
+    suite.systems, skipped, hf, ours = make_systems(setting, device, systems, compile_hf, saisa_attention)
     results["systems"].update({n: {"status": "skipped", "note": why} for n, why in skipped.items()})
     shapes = {
         "prefill": [(1, t) for t in setting.text_tokens],

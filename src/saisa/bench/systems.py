@@ -448,7 +448,8 @@ def _allocated(device: torch.device) -> int:
     return torch.cuda.memory_allocated(device) if is_cuda(device) else 0
 
 
-def make_systems(setting: Setting, device: torch.device, wanted: tuple[str, ...], compile_hf: bool):
+def make_systems(setting: Setting, device: torch.device, wanted: tuple[str, ...], compile_hf: bool,
+                 saisa_attention: str = "eager"):
     """HF LLaVA, our architectures over its weights, and the systems that run them: (systems, skipped, hf, ours).
 
     `*_opt` and `*_graphs` run a second model object over the same weights after `optimize_for_inference()`, so
@@ -468,7 +469,8 @@ def make_systems(setting: Setting, device: torch.device, wanted: tuple[str, ...]
             if hasattr(model, "optimize_for_inference"):
                 # The graphed saisa engine runs the compiled per-layer functions (fused.py); llava has no fast path.
                 # chunk=1 + overlap: each layer's visual K/V on a side stream (best in the 2026-11-21 profile).
-                model.optimize_for_inference(compile=is_cuda(device), chunk=1, overlap=True, dynamic=False)
+                model.optimize_for_inference(compile=is_cuda(device), chunk=1, overlap=True, dynamic=False,
+                                             attention=saisa_attention)
             optimized[arch] = (model, _allocated(device) - before)
         return optimized[arch]
 
@@ -493,6 +495,7 @@ def make_systems(setting: Setting, device: torch.device, wanted: tuple[str, ...]
             elif name in wanted:
                 model, extra = optimized_model(arch)
                 add(OursGraphed(name, model, arch), extra,
-                    "saisa.model.graphs.GraphedForward after optimize_for_inference(); keeps no KV cache")
+                    "saisa.model.graphs.GraphedForward after optimize_for_inference(); keeps no KV cache"
+                    + (f"; attention={saisa_attention} (fused.attend)" if arch == "saisa" else ""))
     keep = {n: sys for n, sys in systems.items() if n in wanted or n == "hf_llava_compile"}
     return keep, {n: why for n, why in skipped.items() if n in wanted}, hf, ours

@@ -14,6 +14,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     synth.add_argument("--n-test", type=int, help="held-out test questions (default max(6, n // 5))")
     synth.add_argument("--image-size", type=int, default=224)
     synth.add_argument("--max-objects", type=int, default=6, help="shapes per scene are 1..this (default 6)")
+    synth.add_argument("--questions", type=int, default=3,
+                       help="questions per training scene, each of another category (1-6, default 3)")
     check = sub.add_parser("check", help="report missing/corrupt images, fully-masked and over-long samples")
     check.add_argument("data", help="LLaVA-format JSON / JSONL file")
     check.add_argument("--image-folder", help="folder the JSON's image paths are relative to")
@@ -28,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
         from saisa.data.synth import synth_main
 
         return synth_main(args.out, args.n, args.seed, n_test=args.n_test, image_size=args.image_size,
-                          max_objects=args.max_objects)
+                          max_objects=args.max_objects, questions_per_scene=args.questions)
     from saisa.data.check import check_main
 
     return check_main(args.data, args.image_folder, args.tokenizer, args.template, args.max_length,

@@ -28,6 +28,7 @@ from saisa.config import SaisaConfig
 from .cache import SaisaCache
 from .decoder import attention_block, check_decoder, feed_forward, query_key_value
 from .fused import (
+    ATTENTION,
     TextLayer,
     supports_fused,
     text_layer_step,
@@ -59,6 +60,7 @@ class FusedPath:
     text: Callable
     visual: Callable
     layers: list[TextLayer]
+    attention: str = "eager"  # the form of fused.attend
 
 
 class SaisaPreTrainedModel(PreTrainedModel):
@@ -100,8 +102,12 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
             config.vision_config, config.vision_feature_select_strategy, config.vision_feature_layer
         )
         self.gradient_checkpointing = False
-        # Training, per-layer projectors (stage 2): recompute each layer's visual K/V in backward (visual_kv.py);
-        # saves the visual path's activations for a second forward of it. Off by default.
+        # Training, per-layer projectors (stage 2): all layers' visual K/V in one autograd Function with its own
+        # backward (visual_grad.py), which keeps Z, the pre-RoPE K/V and the RMS scales instead of the visual
+        # path's activations and recomputes the MLPs. Off: autograd keeps every layer's visual activations.
+        self.fused_visual_kv = True
+        # Training, per-layer projectors: recompute each layer's visual K/V under its own checkpoint (visual_kv.py);
+        # slower than fused_visual_kv, which it overrides; for what that does not cover (LoRA on k/v, Qwen3).
         self.visual_recompute = False
         # Inference-only speed-ups of the saisa visual path (visual_kv.py); none changes the function computed.
         self._folded_kv: FoldedKV | None = None
@@ -141,6 +147,8 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         compile: bool = False,
         compile_backend: str = "inductor",
         dynamic: bool | None = False,
+        attention: str = "eager",
+        compile_mode: str | None = None,
     ) -> None:
         """Speed up the saisa prefill without changing its function (inference only; `train()` undoes it).
 
@@ -151,8 +159,14 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         each layer's normalised inputs, and each text layer projects them with its text rows in one GEMM with the
         folded k/v weights (so `compile` implies `fold`); prefill without a cache only. dynamic:
         passed to torch.compile (False: one compile per shape, whose kernels index without 64-bit divisions; with
-        dynamic shapes the visual RoPE kernel ran 10x under bandwidth on an H100).
+        dynamic shapes the visual RoPE kernel ran 10x under bandwidth on an H100). attention: the compiled text
+        layers' form of attention (fused.attend: "eager", "sdpa" or "flex"; at batch 1 the fused SDPA kernel was
+        35 us of a layer's ~280 on an H100, scripts/profile_prefill.py times the three). compile_mode: passed to
+        torch.compile with the inductor backend (e.g. "max-autotune-no-cudagraphs": Triton GEMMs tuned against
+        cuBLAS; minutes of compile).
         """
+        if attention not in ATTENTION:
+            raise ValueError(f"unknown attention {attention!r}; choose from {ATTENTION}")
         if self.config.architecture != "saisa":
             return
         if any(getattr(layer.self_attn, "k_norm", None) is not None for layer in self.layers):
@@ -169,13 +183,17 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
             # back to eager on a serving mix of shapes.
             dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, 64)
             folded = self._folded_kv
+            options = {"dynamic": dynamic, "backend": compile_backend}
+            if compile_mode is not None:
+                options["mode"] = compile_mode
             self._fused = FusedPath(
-                text=torch.compile(text_layer_step, dynamic=dynamic, backend=compile_backend),
-                visual=torch.compile(visual_inputs_chunk, dynamic=dynamic, backend=compile_backend),
+                text=torch.compile(text_layer_step, **options),
+                visual=torch.compile(visual_inputs_chunk, **options),
                 layers=[
                     text_layer_tensors(layer, folded.weight[i], None if folded.bias is None else folded.bias[i])
                     for i, layer in enumerate(self.layers)
                 ],
+                attention=attention,
             )
 
     def train(self, mode: bool = True):
@@ -363,10 +381,11 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
             # Visual work does not depend on text: every layer's visual K/V is computed up front (paper Eq. 6-7).
             stream = self._visual_stream if text_h.is_cuda and not torch.is_grad_enabled() else None
             folded = self._folded_kv if not self.training else None
+            training = self.training and torch.is_grad_enabled()
             vis_kv, events = saisa_visual_kv(
                 self.layers, self.multi_modal_projector, features, layout, vis_cos, vis_sin,
                 folded=folded, chunk=self.visual_kv_chunk, stream=stream,
-                recompute=self.visual_recompute and self.training and torch.is_grad_enabled(),
+                recompute=self.visual_recompute and training, function=self.fused_visual_kv and training,
             )
         elif features is not None:
             vis_h = _place(self.project_images(features).unsqueeze(0), layout)[0]  # (B, Sv, h)
@@ -416,7 +435,8 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         for i, weights in enumerate(fused.layers):
             if events[i] is not None:
                 main.wait_event(events[i])
-            hidden, delta = fused.text(hidden, delta, inputs[i], attn_bias, key_cos, key_sin, weights, eps, head_dim)
+            hidden, delta = fused.text(hidden, delta, inputs[i], attn_bias, key_cos, key_sin, weights, eps, head_dim,
+                                       fused.attention)
         hidden = hidden + delta
         if cols is not None:  # placeholder rows come back as zeros (their logits carry no meaning)
             hidden = text_h.new_zeros(text_h.shape).scatter(1, cols.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]),

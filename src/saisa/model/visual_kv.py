@@ -7,7 +7,9 @@ RoPE and the copies are done once for all the chunk's layers (fused.visual_kv_ch
 compiled prefill stops earlier (`saisa_visual_inputs`): each layer's normalised visual inputs, which its text step
 projects together with the text rows. On CUDA the chunks can run on a side stream with one event per chunk, so the
 compute-bound visual path can overlap the memory-bound text layers. In training with per-layer projectors
-(stage 2), `recomputed_key_value` trades the visual activations for a second forward of the visual path in backward.
+(stage 2), visual_grad.VisualKeyValue computes all layers' K/V in one autograd Function that keeps little more than
+Z and recomputes the MLPs in its own backward; `recomputed_key_value` (per-layer checkpoints) is the slower
+alternative, for what that Function does not cover (LoRA on k/v, Qwen3).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from .decoder import apply_rope
 from .fused import visual_inputs_chunk, visual_kv_chunk
 from .naavit import SequenceLayout
+from .visual_grad import supports_visual_function, visual_key_value
 
 
 @dataclass
@@ -111,12 +114,16 @@ def saisa_visual_kv(
     chunk: int | None = None,
     stream: torch.cuda.Stream | None = None,
     recompute: bool = False,
+    function: bool = False,
 ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[torch.cuda.Event | None]]:
     """Per-layer visual (K, V) rotated at the images' positions, (B, Hkv, I*v, D), and per-layer events (see
     `_by_chunks`). With `folded`, each chunk is fused.visual_kv_chunk; without, the reference: each layer's own
-    input norm, k_proj/v_proj and RoPE. recompute (training, per-layer projectors): `recomputed_key_value`."""
+    input norm, k_proj/v_proj and RoPE. Training with per-layer projectors: recompute, `recomputed_key_value`;
+    else function, visual_grad.visual_key_value where it applies (`supports_visual_function`)."""
     if recompute and folded is None and projector.num_mlps > 1:
         return recomputed_key_value(layers, projector, features, layout, cos, sin), [None] * len(layers)
+    if function and folded is None and stream is None and supports_visual_function(layers, projector):
+        return visual_key_value(layers, projector, features, layout, cos, sin, chunk), [None] * len(layers)
 
     def compute(sl: slice, slots: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if folded is None:

@@ -91,6 +91,15 @@ def build_model(cfg: ModelConfig, *, projector_sharing: str = "per_layer", seed:
     ranks of one run, would start from different projectors). With `cfg.init_from`, the saved model, tokenizer and
     image processor are loaded as they are. `cfg.init_delta` is then applied (`saisa.train.delta.apply`).
     """
+    if cfg.init_delta is not None:
+        from saisa.train.delta import DeltaError, read_metadata
+
+        meta = read_metadata(cfg.init_delta)
+        theirs = {k: meta[k] for k in ("llm", "vision") if meta.get(k)}
+        ours = {"llm": cfg.llm, "vision": cfg.vision}
+        if cfg.init_from is None and any(ours[k] != v for k, v in theirs.items()):
+            raise DeltaError(f"model.init_delta={cfg.init_delta} was packed against {theirs}, but the recipe builds "
+                             f"{ours}; set model.llm / model.vision to the delta's parts")
     model, tokenizer, image_processor = _build(cfg, projector_sharing, seed)
     if cfg.init_delta is not None:
         from saisa.train.delta import apply

@@ -42,7 +42,7 @@ class ModelConfig:
     """A `from_pretrained` folder (e.g. stage 1's `final/`) to start from instead of llm + vision."""
     init_delta: str | None = None
     """A `saisa.train.delta` file applied to the model built from llm + vision (or loaded from `init_from`): start
-    from a shipped trained model without shipping its pretrained parts (e.g. assets/demo-checkpoint)."""
+    from a shipped trained model without shipping its pretrained parts (e.g. assets/demo/, which the demo uses)."""
 
     def __post_init__(self) -> None:
         if self.init_from is None and (self.llm is None or self.vision is None):
@@ -67,6 +67,9 @@ class DataConfig:
     scenes, seeded by `seed`) into the JSON's folder first; it holds train_caption.json and train_qa.json."""
     synth_max_objects: int = 6
     """Shapes per synthesized scene are 1..this (the set's full range is 1-6)."""
+    synth_questions: int = 3
+    """Questions per synthesized training scene, each of a different category (1-6; 6 asks every category the
+    scene can pose)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -116,8 +119,13 @@ class TrainRecipe:
     precision: Literal["bf16", "fp32"] = "bf16"
     gradient_checkpointing: bool = False
     visual_recompute: bool = False
-    """saisa with per-layer projectors (stage 2): recompute each layer's visual K/V in backward, keeping only the
-    vision features (less activation memory, a second forward of the visual path)."""
+    """saisa with per-layer projectors (stage 2): recompute each layer's visual K/V in backward under its own
+    checkpoint, keeping only the vision features (slower than `fused_visual_kv`, which it overrides; for LoRA on
+    k/v and Qwen3, which that does not cover)."""
+    fused_visual_kv: bool = True
+    """saisa with per-layer projectors (stage 2): all layers' visual K/V in one autograd Function that keeps Z, the
+    pre-RoPE K/V and the RMS scales and recomputes the projector MLPs in backward (saisa.model.visual_grad); false:
+    autograd keeps every layer's visual activations."""
     compile: bool = False
     save_every: int | None = None
     """Checkpoint every N optimizer steps and at the last one (null: no checkpoints, only the final export)."""

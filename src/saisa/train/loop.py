@@ -266,7 +266,7 @@ def fit(model: nn.Module, dataset, collate_fn: Callable, recipe: TrainRecipe, *,
     if is_main:
         logger.info("stage %d: %s", recipe.stage.stage, trainable_summary(model))
     parallelize(model, gradient_checkpointing=recipe.gradient_checkpointing, compile=recipe.compile,
-                visual_recompute=recipe.visual_recompute)
+                visual_recompute=recipe.visual_recompute, fused_visual_kv=recipe.fused_visual_kv)
     sched = recipe.schedule
     layout = BatchLayout(len(dataset), sched.global_batch, sched.micro_batch, accelerator.num_processes)
     accum = layout.accumulation
@@ -450,8 +450,7 @@ def setup(recipe: TrainRecipe) -> TrainSetup:
     from saisa.train.build import build_model
 
     partial = PartialState()
-    sharing = "shared" if recipe.stage.stage == 1 else "per_layer"
-    model, tokenizer, image_processor = build_model(recipe.model, projector_sharing=sharing)
+    model, tokenizer, image_processor = build_model(recipe.model, projector_sharing=recipe.stage.sharing)
     data = recipe.data
     path = Path(data.json)
     if data.synthesize and not path.exists():
@@ -459,7 +458,8 @@ def setup(recipe: TrainRecipe) -> TrainSetup:
             if not path.exists():
                 from saisa.data.synth import generate
 
-                generate(path.parent, n=data.synthesize, seed=recipe.seed, max_objects=data.synth_max_objects)
+                generate(path.parent, n=data.synthesize, seed=recipe.seed, max_objects=data.synth_max_objects,
+                         questions_per_scene=data.synth_questions)
     if not path.exists():
         raise FileNotFoundError(f"data.json={str(path)!r} does not exist")
     dataset = ConversationDataset.from_json(

@@ -102,13 +102,15 @@ def mixed_precision(precision: str) -> str:
 
 
 def parallelize(model: nn.Module, *, gradient_checkpointing: bool, compile: bool,
-                visual_recompute: bool = False) -> nn.Module:
-    """Apply activation checkpointing (decoder layers; the saisa visual path with `visual_recompute`) and compile
-    (in that order); sharding happens in `accelerator.prepare`."""
+                visual_recompute: bool = False, fused_visual_kv: bool = True) -> nn.Module:
+    """Apply activation checkpointing (decoder layers; the saisa visual path with `visual_recompute`, or its one
+    autograd Function with `fused_visual_kv`) and compile (in that order); sharding happens in
+    `accelerator.prepare`."""
     if gradient_checkpointing:
         apply_activation_checkpointing(model)
     if visual_recompute:
         core_model(model).visual_recompute = True
+    core_model(model).fused_visual_kv = fused_visual_kv
     if compile:
         apply_compile(model)
     return model

@@ -70,6 +70,9 @@ class StageConfig:
     lora_dropout: float = 0.05
     lora_targets: tuple[str, ...] = LORA_TARGETS
     """Linear-layer names inside the LLM's decoder layers that get adapters."""
+    projector_sharing: str | None = None
+    """Stage 2 only, saisa: "shared" keeps the one stage-1 MLP for every layer instead of replicating it (the
+    paper's shared-projector ablation); null = the stage's own (stage 1 shared, stage 2 per_layer)."""
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
@@ -77,10 +80,20 @@ class StageConfig:
         if self.lora_r < 0 or (self.lora_r and self.stage != 2):
             raise ValueError(f"stage.lora_r={self.lora_r} is only valid (> 0) for stage 2; stage 1 trains the "
                              "projector only")
+        if self.projector_sharing not in (None, "shared", "per_layer"):
+            raise ValueError(f"stage.projector_sharing={self.projector_sharing!r}; choose shared, per_layer or null")
+        if self.stage == 1 and self.projector_sharing == "per_layer":
+            raise ValueError("stage.projector_sharing=per_layer is not valid for stage 1, which trains one shared "
+                             "projector MLP (the paper's pre-training)")
 
     @property
     def spec(self) -> Stage:
         return STAGES[self.stage]
+
+    @property
+    def sharing(self) -> str:
+        """The saisa projector this stage trains: "shared" (one MLP) or "per_layer"."""
+        return self.projector_sharing or self.spec.projector_sharing
 
 
 class StageError(ValueError):
@@ -100,13 +113,14 @@ def is_lora(model: nn.Module) -> bool:
 def prepare_projector(model: nn.Module, stage: StageConfig) -> None:
     """Bring a saisa projector into the stage's sharing: stage 2 replicates a shared (stage-1) MLP per layer.
 
-    Stage 1 needs a shared projector from the start (build the model with projector_sharing="shared"); a per-layer
-    projector is not averaged back into one, since that would not be the paper's recipe.
+    Stage 1 (and a stage 2 with `projector_sharing="shared"`) needs a shared projector from the start (build the
+    model with projector_sharing="shared"); a per-layer projector is not averaged back into one, since that would
+    not be the paper's recipe.
     """
     core = _core(model)
     if core.config.architecture != "saisa":
         return
-    want = stage.spec.projector_sharing
+    want = stage.sharing
     have = core.config.projector_sharing
     if have == want:
         return
@@ -114,8 +128,8 @@ def prepare_projector(model: nn.Module, stage: StageConfig) -> None:
         core.expand_shared_projector()  # paper Sec. 4.3: "replicate the pre-trained shared MLP N times"
         return
     raise StageError(
-        "stage 1 trains one shared projector MLP, but this saisa model has per-layer projectors; build it with "
-        "projector_sharing='shared' (saisa.train.build does so for stage 1)"
+        f"stage {stage.stage} trains one shared projector MLP, but this saisa model has per-layer projectors; build "
+        "it with projector_sharing='shared' (saisa.train.build does so for stage 1)"
     )
 
 
@@ -174,8 +188,8 @@ def check_trainable(model: nn.Module, stage: StageConfig) -> None:
         elif want and not p.requires_grad:
             wrong_off.append(name)
     core = _core(model)
-    if core.config.architecture == "saisa" and core.config.projector_sharing != stage.spec.projector_sharing:
-        raise StageError(f"stage {stage.stage} needs a {stage.spec.projector_sharing!r} saisa projector, the model "
+    if core.config.architecture == "saisa" and core.config.projector_sharing != stage.sharing:
+        raise StageError(f"stage {stage.stage} needs a {stage.sharing!r} saisa projector, the model "
                          f"has {core.config.projector_sharing!r}")
     if wrong_on or wrong_off:
         raise StageError(
