@@ -2,12 +2,16 @@
 
 Unusual here: one call answers three questions, cheapest first, and rewrites its JSON after each step (a run cut
 short keeps what it measured). (1) variants: the CUDA-graph prefill (`optimize_for_inference` + GraphedForward)
-under each setting, against the uncompiled reference path; (2) timelines: one graph replay under the profiler,
-the time with none, one or several kernels running, kernel time by kind and name (plus a Chrome trace);
-(3) pieces: each GEMM / attention / visual step alone, all n layers' weights in turn in one graph (none found in
-L2), in us per layer with TFLOP/s and GB/s, the terms of a per-layer budget. Prints tables; JSON to --out.
+under each setting, against the uncompiled reference path, then every kept graph again in --rounds interleaved
+rounds (A B C A B C ...), so a drift of the GPU's clocks falls on all variants alike; (2) timelines: one graph
+replay under the profiler, the time with none, one or several kernels running, the idle gaps between kernels and
+what ran before them, kernel time by kind and name (plus a Chrome trace); (3) pieces: each GEMM / attention /
+visual step alone, all n layers' weights in turn in one graph (none found in L2), in us per layer with TFLOP/s and
+GB/s, the terms of a per-layer budget (optionally the text GEMMs through cuBLASLt and Triton autotuned as well).
+Prints tables; JSON to --out.
 
     PYTHONPATH=src python3 scripts/profile_prefill.py --out $OUT/profile.json --trace-dir $OUT
+    PYTHONPATH=src python3 scripts/profile_prefill.py --variants eager,serial --no-pieces --out $OUT/p.json
     PYTHONPATH=src python3 scripts/profile_prefill.py --smoke --out /tmp/p.json      # tiny shapes on the CPU
 """
 
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -24,23 +29,30 @@ import torch
 import torch.nn.functional as F
 
 from saisa.bench.setting import PRESETS
-from saisa.bench.systems import build_ours, make_inputs
+from saisa.bench.systems import SAISA_SCHEDULES, build_ours, make_inputs
 from saisa.bench.timing import free_memory, time_fn
 from saisa.model.fused import ATTENTION, attend
 
-# name -> optimize_for_inference arguments (compile=True, fold=True throughout); the bench's saisa_graphs is
-# "eager". Tried in order; LATE ones (minutes of compile) run only when named, after the timelines and pieces.
+# name -> optimize_for_inference arguments (compile=True, fold=True throughout; "blas": torch's preferred BLAS
+# library while the graph is captured). The bench's saisa_graphs runs one of saisa.bench.systems.SAISA_SCHEDULES
+# (eager attention), the fastest per shape; until 2026-11-22 it ran "eager" (= its "overlap"). Tried in order;
+# LATE ones (minutes of compile) run only when named, after the timelines and pieces.
 VARIANTS = {
     "sdpa": {"chunk": 1, "overlap": True, "attention": "sdpa"},
     "eager": {"chunk": 1, "overlap": True, "attention": "eager"},
+    **{name: {**kw, "attention": "eager"} for name, kw in SAISA_SCHEDULES.items() if name != "overlap"},  # = eager
+    "ramp": {"chunk": (2, 6), "overlap": True, "attention": "eager"},  # chunks of 2, 6, then the rest
     "eager-chunk2": {"chunk": 2, "overlap": True, "attention": "eager"},
     "eager-serial": {"chunk": 1, "overlap": False, "attention": "eager"},
-    "eager-all-layers-serial": {"chunk": None, "overlap": False, "attention": "eager"},
+    "serial-cublaslt": {**SAISA_SCHEDULES["serial"], "attention": "eager", "blas": "cublaslt"},
     "flex": {"chunk": 1, "overlap": True, "attention": "flex"},  # newest kernels last: a fault spoils what follows
     "eager-autotune": {"chunk": 1, "overlap": True, "attention": "eager",
                        "compile_mode": "max-autotune-no-cudagraphs"},
+    "serial-autotune": {**SAISA_SCHEDULES["serial"], "attention": "eager",
+                        "compile_mode": "max-autotune-no-cudagraphs"},
 }
-LATE = ("eager-autotune",)
+ALIASES = {"eager-all-layers-serial": "serial"}  # names in results before 2026-11-22
+LATE = ("eager-autotune", "serial-autotune")
 
 
 def save(results: dict, path: str) -> None:
@@ -58,20 +70,47 @@ def run_variant(model, s, kw: dict, ref: torch.Tensor, device, smoke: bool) -> t
     from saisa.model.graphs import GraphedForward
 
     row: dict = {"settings": {k: v for k, v in kw.items()}}
-    model.optimize_for_inference(compile=True, compile_backend="eager" if smoke else "inductor", dynamic=False, **kw)
+    kw = dict(kw)
+    blas = kw.pop("blas", None)
+    old_blas = torch.backends.cuda.preferred_blas_library() if blas and device.type == "cuda" else None
     t0 = time.perf_counter()
+    try:
+        if old_blas is not None:  # the GEMMs' library is fixed when the graph is captured
+            torch.backends.cuda.preferred_blas_library(blas)
+        model.optimize_for_inference(compile=True, compile_backend="eager" if smoke else "inductor", dynamic=False,
+                                     **kw)
+        with torch.no_grad():
+            if device.type == "cuda":
+                graph = GraphedForward(model, s.ids, None, s.features, logits_to_keep=1)
+                run = lambda i=0: graph(s.features)
+            else:
+                run = lambda i=0: model(input_ids=s.ids, image_features=s.features, logits_to_keep=1).logits
+                run()
+    finally:
+        if old_blas is not None:
+            torch.backends.cuda.preferred_blas_library(old_blas)
+    row["build_s"] = round(time.perf_counter() - t0, 1)
     with torch.no_grad():
-        if device.type == "cuda":
-            graph = GraphedForward(model, s.ids, None, s.features, logits_to_keep=1)
-            run = lambda i=0: graph(s.features)
-        else:
-            run = lambda i=0: model(input_ids=s.ids, image_features=s.features, logits_to_keep=1).logits
-            run()
-        row["build_s"] = round(time.perf_counter() - t0, 1)
         timing = time_fn(run, device, warmup=5, repeats=5 if smoke else 50)
         row.update(ms=round(timing.median_ms, 3), p10_ms=round(timing.p10_ms, 3), p90_ms=round(timing.p90_ms, 3))
         row["rel_err_vs_reference"] = rel_err(run(), ref)
     return row, run
+
+
+def interleaved(runs: dict[str, Callable], device, rounds: int, repeats: int) -> dict[str, dict]:
+    """Every kept graph timed again in `rounds` rounds, one timing of each in turn per round: per variant the
+    median of its round medians and those medians, and its ratio to the first variant's."""
+    medians: dict[str, list[float]] = {name: [] for name in runs}
+    with torch.no_grad():
+        for _ in range(rounds):
+            for name, run in runs.items():
+                medians[name].append(time_fn(run, device, warmup=2, repeats=repeats).median_ms)
+    out = {name: {"ms": round(statistics.median(m), 3), "round_ms": [round(x, 3) for x in m]}
+           for name, m in medians.items()}
+    first = next(iter(out.values()), None)
+    for row in out.values():
+        row["vs_first"] = round(row["ms"] / first["ms"], 4)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------- (2) timelines
@@ -99,10 +138,37 @@ def concurrency(intervals: list[tuple[int, int]]) -> dict[int, int]:
     return dict(spent)
 
 
+def idle_gaps(kernels: list[tuple[int, int, str]], top: int = 8) -> dict:
+    """The idle stretches between kernels (no kernel running) of one replay, kernels given as (start_ns, end_ns,
+    name): how many, their median / p90 / max in us, and the idle time after each kind of kernel (the kernel that
+    ended last before the gap), largest first. Many short gaps of about the same length, one per kernel, are the
+    graph's launch latency between dependent kernels; a few long ones would be waits (events, host)."""
+    gaps: list[tuple[int, str]] = []
+    busy_until, last_name = None, ""
+    for start, end, name in sorted(kernels):
+        if busy_until is not None and start > busy_until:
+            gaps.append((start - busy_until, last_name))
+        if busy_until is None or end >= busy_until:
+            busy_until, last_name = end, name
+    if not gaps:
+        return {"count": 0}
+    lengths = sorted(g for g, _ in gaps)
+    after: dict[str, float] = defaultdict(float)
+    for g, name in gaps:
+        after[name[:80]] += g / 1e3
+    return {
+        "count": len(gaps), "total_ms": round(sum(lengths) / 1e6, 3),
+        "median_us": round(lengths[len(lengths) // 2] / 1e3, 2),
+        "p90_us": round(lengths[int(0.9 * (len(lengths) - 1))] / 1e3, 2), "max_us": round(lengths[-1] / 1e3, 2),
+        "kernels": len(kernels),
+        "us_after": [(n, round(us, 1)) for n, us in sorted(after.items(), key=lambda kv: -kv[1])[:top]],
+    }
+
+
 def timeline(run: Callable, trace_path: str | None, top: int = 30) -> dict:
     """Profile one call of `run` (a graph replay): time with 0, 1, 2+ kernels running (kernels of a graph may all
-    report the stream it was launched on, so concurrency is read from the intervals, not the stream ids), kernel
-    time by kind and by name, kernels per stream id as reported."""
+    report the stream it was launched on, so concurrency is read from the intervals, not the stream ids), the idle
+    gaps (`idle_gaps`), kernel time by kind and by name, kernels per stream id as reported."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = torch.cuda.is_available()
@@ -123,10 +189,11 @@ def timeline(run: Callable, trace_path: str | None, top: int = 30) -> dict:
     streams: dict[int, int] = defaultdict(int)
     by_kind: dict[str, float] = defaultdict(float)
     by_name: dict[str, list] = defaultdict(lambda: [0.0, 0])
-    intervals = []
+    intervals, named = [], []
     for e in kernels:
         streams[e.device_resource_id()] += 1
         intervals.append((e.start_ns(), e.start_ns() + e.duration_ns()))
+        named.append((*intervals[-1], e.name()))
         by_kind[_kind(e.name())] += e.duration_ns() / 1e6
         row = by_name[e.name()[:100]]
         row[0] += e.duration_ns() / 1e6
@@ -137,6 +204,7 @@ def timeline(run: Callable, trace_path: str | None, top: int = 30) -> dict:
         "kernels": len(kernels), "span_ms": span / 1e6, "kernel_ms_total": sum(by_kind.values()),
         "ms_with_0_1_2plus_kernels": [spent.get(0, 0) / 1e6, spent.get(1, 0) / 1e6,
                                       sum(v for k, v in spent.items() if k >= 2) / 1e6],
+        "idle_gaps": idle_gaps(named),
         "kernels_per_stream_id": {str(k): v for k, v in streams.items()},
         "kernel_ms_by_kind": {k: round(v, 3) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
         "top": [(n, round(v[0], 3), v[1]) for n, v in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]],
@@ -144,9 +212,12 @@ def timeline(run: Callable, trace_path: str | None, top: int = 30) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------- (3) pieces
-def pieces(model, t: int, device) -> dict:
+def pieces(model, t: int, device, extra: tuple[str, ...] = ()) -> dict:
     """Each piece alone, layer i's weights at call i, n calls in one CUDA graph: us per layer, TFLOP/s, GB/s of
-    weights (bf16, batch 1, t text rows, Sv = v visual rows)."""
+    weights (bf16, batch 1, t text rows, Sv = v visual rows). extra: also the text GEMMs through cuBLASLt
+    ("cublaslt": torch's preferred BLAS library while capturing) and as Triton GEMMs autotuned against cuBLAS
+    ("autotune": inductor max-autotune, about a minute of compile): how close to the copy bandwidth a t-row GEMM
+    can get."""
     layers, proj = model.layers, model.multi_modal_projector
     n, h = len(layers), model.config.text_config.hidden_size
     folded = model._folded_kv
@@ -203,9 +274,36 @@ def pieces(model, t: int, device) -> dict:
     for kind, fn in attn.items():
         items[f"attention {kind} (compiled), t x (Sv + t)"] = (lambda i, fn=fn: fn(q, k, v, bias),
                                                                4 * t * (sv + t) * heads * head_dim, 0)
+    text_gemms = ("q_proj, t rows", "o_proj, t rows", "k/v folded, t rows only", "gate_proj, t rows",
+                  "up_proj, t rows", "down_proj, t rows", "k/v folded, Sv + t rows (the compiled path)")
+    blas: dict[str, str] = {}  # piece -> BLAS library while capturing
+    if "cublaslt" in extra:
+        for name in text_gemms:
+            items[f"{name} (cuBLASLt)"] = items[name]
+            blas[f"{name} (cuBLASLt)"] = "cublaslt"
+    if "autotune" in extra and device.type == "cuda":
+        # One compiled F.linear; dynamo compiles it once per weight shape (q/o, k/v, gate/up, down).
+        tuned = torch.compile(lambda x, w: F.linear(x, w), dynamic=False, mode="max-autotune-no-cudagraphs")
+        inputs = {"q_proj, t rows": x_t, "o_proj, t rows": x_t, "k/v folded, t rows only": x_t,
+                  "gate_proj, t rows": x_t, "up_proj, t rows": x_t, "down_proj, t rows": x_ffn,
+                  "k/v folded, Sv + t rows (the compiled path)": x_all}
+        weights = {"q_proj, t rows": lambda i: a(i).q_proj.weight, "o_proj, t rows": lambda i: a(i).o_proj.weight,
+                   "k/v folded, t rows only": lambda i: folded.weight[i],
+                   "gate_proj, t rows": lambda i: m(i).gate_proj.weight,
+                   "up_proj, t rows": lambda i: m(i).up_proj.weight,
+                   "down_proj, t rows": lambda i: m(i).down_proj.weight,
+                   "k/v folded, Sv + t rows (the compiled path)": lambda i: folded.weight[i]}
+        for name in text_gemms:
+            _, flops, nbytes = items[name]
+            items[f"{name} (Triton autotuned)"] = (
+                lambda i, x=inputs[name], w=weights[name]: tuned(x, w(i)), flops, nbytes)
     out: dict[str, dict] = {}
     for name, (fn, flops, nbytes) in items.items():
+        library = blas.get(name) if device.type == "cuda" else None
+        old = torch.backends.cuda.preferred_blas_library() if library else None
         try:
+            if library:  # the library is fixed when the graph is captured
+                torch.backends.cuda.preferred_blas_library(library)
             with torch.no_grad():
                 for i in range(min(3, n)):  # warm-up (compiles the attention)
                     fn(i)
@@ -223,6 +321,9 @@ def pieces(model, t: int, device) -> dict:
                          "weight_gb_per_s": round(nbytes / us / 1e3, 1)}
         except Exception as err:  # noqa: BLE001 - a piece that cannot run is reported, not fatal
             out[name] = {"error": f"{type(err).__name__}: {str(err)[:200]}"}
+        finally:
+            if old is not None:
+                torch.backends.cuda.preferred_blas_library(old)
         print(f"  {name:48s} {json.dumps(out[name])}", flush=True)
     items.clear()
     gate_up = None  # the [W_gate; W_up] copies go before the caller goes on
@@ -234,12 +335,17 @@ def pieces(model, t: int, device) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True, help="results JSON")
-    ap.add_argument("--trace-dir", help="write Chrome traces of the timelines here (up to three files)")
+    ap.add_argument("--trace-dir", help="write Chrome traces of the timelines here (one file per timeline)")
     ap.add_argument("--t", type=int, default=64, help="text tokens")
     ap.add_argument("--variants", default=",".join(n for n in VARIANTS if n not in LATE),
-                    help=f"comma-separated, from {','.join(VARIANTS)} (default: all but {','.join(LATE)})")
+                    help=f"comma-separated, from {','.join(VARIANTS)} (default: all but {','.join(LATE)}); the "
+                         "first is the reference of the interleaved rounds")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the kept graphs (0: none)")
+    ap.add_argument("--timelines", default="eager,best",
+                    help="comma-separated variants to profile one replay of ('best': the fastest; '': none)")
     ap.add_argument("--budget-s", type=float, default=400, help="start no variant after this many seconds")
     ap.add_argument("--no-pieces", action="store_true")
+    ap.add_argument("--pieces-extra", default="", help="comma-separated: cublaslt, autotune (see pieces())")
     ap.add_argument("--smoke", action="store_true", help="tiny preset on the CPU: checks the script, times nothing")
     args = ap.parse_args()
     t_start = time.perf_counter()
@@ -258,7 +364,10 @@ def main() -> None:
     # A graph replay reads weights at the addresses it captured: each kept graph's folded weights stay referenced
     # here (the next optimize_for_inference folds anew), or a later replay would read freed memory.
     runs: dict[str, tuple] = {}
-    wanted = args.variants.split(",")
+    wanted = [ALIASES.get(n, n) for n in args.variants.split(",") if n]
+    unknown = [n for n in wanted if n not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variants {unknown}; choose from {','.join(VARIANTS)}")
 
     def variants(names: list[str]) -> None:
         for name in names:
@@ -267,20 +376,34 @@ def main() -> None:
                 continue
             try:
                 row, run = run_variant(model, s, VARIANTS[name], ref, device, args.smoke)
-                if name in ("sdpa", "eager", "flex", "eager-serial"):
-                    runs[name] = (run, model._folded_kv, model._fused)
+                runs[name] = (run, model._folded_kv, model._fused)
             except Exception as err:  # noqa: BLE001 - a variant that fails is reported, not fatal
                 row = {"settings": VARIANTS[name], "error": f"{type(err).__name__}: {str(err)[:400]}"}
             results["variants"][name] = row
             print(f"{name:26s} {json.dumps(row)}", flush=True)
             save(results, args.out)
 
-    variants([n for n in wanted if n not in LATE])
+    def rounds(key: str, names: list[str]) -> None:
+        kept = {n: runs[n][0] for n in names if n in runs}
+        if args.rounds > 0 and len(kept) > 1:
+            results[key] = interleaved(kept, device, args.rounds, repeats=5 if args.smoke else 20)
+            print(f"{key}: {json.dumps({n: (r['ms'], r['vs_first']) for n, r in results[key].items()})}", flush=True)
+            save(results, args.out)
+
+    def fastest() -> str | None:
+        timed = {n: r["ms"] for n, r in results.get("interleaved", {}).items()}
+        timed = timed or {n: r["ms"] for n, r in results["variants"].items() if "ms" in r}
+        return min(timed, key=timed.get) if timed else None
+
+    early = [n for n in wanted if n not in LATE]
+    variants(early)
+    rounds("interleaved", early)
+    results["fastest"] = fastest()
+    timed = {n: r["ms"] for n, r in results["variants"].items() if n in ATTENTION and "ms" in r}
+    results["best_attention"] = min(timed, key=timed.get) if timed else None
     if device.type == "cuda" or args.smoke:  # the CPU (--smoke) runs through the code, its figures mean nothing
-        timed = {n: r["ms"] for n, r in results["variants"].items() if n in ATTENTION and n in runs and "ms" in r}
-        best = min(timed, key=timed.get) if timed else None
-        results["best_attention"] = best
-        for name in dict.fromkeys(["sdpa", best, "eager-serial"]):  # eager-serial: the same work, one stream
+        names = [results["fastest"] if n == "best" else n for n in args.timelines.split(",") if n]
+        for name in dict.fromkeys(ALIASES.get(n, n) for n in names):
             if name not in runs:
                 continue
             trace = str(Path(args.trace_dir) / f"trace-{name}.json") if args.trace_dir else None
@@ -291,17 +414,22 @@ def main() -> None:
             print(f"timeline {name}: {json.dumps({k: v for k, v in results['timelines'][name].items() if k != 'top'})}",
                   flush=True)
             save(results, args.out)
-        runs.clear()
-        free_memory(device)
         if not args.no_pieces:
             model.optimize_for_inference(compile=True, chunk=1, overlap=False)  # folded weights for the pieces
             print("pieces (us per layer):", flush=True)
-            results["pieces"] = pieces(model, args.t, device)
+            extra = tuple(x for x in args.pieces_extra.split(",") if x)
+            results["pieces"] = pieces(model, args.t, device, extra)
             save(results, args.out)
-    variants([n for n in wanted if n in LATE])
+    late = [n for n in wanted if n in LATE]
+    if late:
+        variants(late)
+        # The late variants against the fastest early one and the bench's former setting, interleaved again.
+        rounds("interleaved_late", list(dict.fromkeys([results["fastest"], "eager", *late])))
+    runs.clear()
     results["wall_s"] = round(time.perf_counter() - t_start, 1)
     save(results, args.out)
-    print(f"best attention: {results.get('best_attention')}; wrote {args.out} ({results['wall_s']} s)")
+    print(f"fastest: {results['fastest']} (best attention: {results['best_attention']}); wrote {args.out} "
+          f"({results['wall_s']} s)")
 
 
 if __name__ == "__main__":

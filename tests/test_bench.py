@@ -171,6 +171,60 @@ def test_report_table_json_and_markdown(results, tmp_path, capsys):
     assert "](prefill_latency_tiny-cpu.png)" in md
 
 
+def test_graphed_system_picks_the_fastest_schedule_per_shape(monkeypatch):
+    """saisa_graphs under "auto": each schedule is captured and timed once per shape (here a fake capture whose
+    replay time depends on the schedule, one that fails), the fastest is kept and recorded in the entry, ttft at the
+    same shape reuses it, and release restores the schedule saisa_opt runs."""
+    from saisa.bench import systems
+
+    device = torch.device("cpu")
+    model = build_ours(TINY, "saisa", device)
+    model.optimize_for_inference()
+    applied, captures = [], []
+    monkeypatch.setattr(model, "set_prefill_schedule", lambda chunk=None, overlap=False: applied.append(
+        next(n for n, kw in systems.SAISA_SCHEDULES.items() if kw == {"chunk": chunk, "overlap": overlap})))
+    delay = {"serial": 0.002, "overlap": 0.006}  # head4: fails (the tiny model has 2 layers)
+
+    def capture(sets):
+        name = applied[-1]
+        captures.append(name)
+        if name not in delay:
+            raise ValueError(f"{name} does not fit")
+        return lambda features: time.sleep(delay[name])
+
+    system = systems.OursGraphed("saisa_graphs", model, "saisa", systems.AUTO, base="serial")
+    monkeypatch.setattr(system, "_capture", capture)
+    sets = systems.make_inputs(TINY, 1, 8, device)
+    system.prepare(1, 8, sets)
+    assert captures == [*systems.SAISA_SCHEDULES, "serial"] and applied[-1] == "serial"
+    info = system.entry_info()
+    assert info["schedule"] == "serial" and info["schedule_settings"] == {"chunk": None, "overlap": False}
+    trials = info["schedule_trials_ms"]
+    assert trials["serial"] < trials["overlap"] and trials["head4"].startswith("ValueError")
+    system.release()
+    assert applied[-1] == "serial"
+    captures.clear()
+    system.prepare(1, 8, sets)  # the same shape again (ttft): no new trials
+    assert captures == ["serial"] and system.entry_info()["schedule"] == "serial"
+    system.release()
+    fixed = systems.OursGraphed("saisa_graphs", model, "saisa", "overlap", base="overlap")
+    monkeypatch.setattr(fixed, "_capture", capture)
+    fixed.prepare(1, 8, sets)
+    assert fixed.entry_info() == {"schedule": "overlap", "schedule_settings": {"chunk": 1, "overlap": True}}
+    with pytest.raises(ValueError, match="unknown schedule"):
+        systems.OursGraphed("saisa_graphs", model, "saisa", "fastest")
+
+
+def test_report_lists_the_schedules():
+    entry = {"section": "prefill", "arch": "saisa", "batch": 1, "median_ms": 8.5, "status": "ok"}
+    results = {"setting": {"text_tokens": [64, 128]}, "systems": {"saisa_graphs": {"variant": "cuda_graph"}},
+               "entries": [{**entry, "system": "saisa_graphs", "text_tokens": 64, "schedule": "serial",
+                            "schedule_trials_ms": {"serial": 8.5, "overlap": 8.8, "head4": "ValueError: x"}},
+                           {**entry, "system": "saisa_graphs", "text_tokens": 128, "schedule": "head4"}]}
+    lines = report._schedules(results, "prefill", [(1, 64), (1, 128)])
+    assert lines[0] == "saisa_graphs prefill schedule: t=64 serial (serial 8.50, overlap 8.80 ms); t=128 head4."
+
+
 def _fake(system: str, variant: str, source: str, **entry):
     return system, {"variant": variant, "source": source}, {"system": system, "status": "ok", **entry}
 
@@ -212,13 +266,14 @@ def test_cli_report_writes_markdown(results, tmp_path):
 
 
 def test_cli_names_match_the_suite():
-    from saisa.bench import cli, setting, suite
+    from saisa.bench import cli, setting, suite, systems
     from saisa.model import fused
 
     assert cli.SECTIONS == suite.SECTIONS
     assert cli.SYSTEMS == suite.INFERENCE_SYSTEMS
     assert set(cli.PRESETS) == set(setting.PRESETS)
     assert set(cli.ATTENTION) == set(fused.ATTENTION)
+    assert cli.SCHEDULES == (systems.AUTO, *systems.SAISA_SCHEDULES)
 
 
 def test_cli_rejects_unknown_section(tmp_path):

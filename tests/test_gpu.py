@@ -53,6 +53,32 @@ def test_graphed_fast_path_matches_reference(arch, compile, attention):
     assert _rel(out2, out) > 1e-3, "replay must see the new image features"
 
 
+@pytest.mark.parametrize("chunk,overlap", [(None, False), (None, True), (1, True), ((1,), True), ((1, 2), True),
+                                           ((4,), False)])
+def test_graphed_prefill_schedules_match_reference(chunk, overlap):
+    """Every prefill schedule of the compiled path (set_prefill_schedule: visual chunks, side stream or not; the
+    bench's SAISA_SCHEDULES among them), captured in the CUDA graph, against the reference path; switching schedule
+    keeps the compiled functions."""
+    model = _model("saisa")
+    ids = random_ids(40, seed=4)
+    ids[5] = IMAGE_TOKEN_ID
+    ids = ids[None].cuda()
+    feats = torch.randn(1, model.num_visual_tokens, 24, device="cuda", dtype=torch.bfloat16)
+    feats2 = torch.randn_like(feats)
+    with torch.no_grad():
+        ref = model(input_ids=ids, image_features=feats).logits[:, -1:].float()
+        ref2 = model(input_ids=ids, image_features=feats2).logits[:, -1:].float()
+        model.optimize_for_inference(compile=True)
+        fused = model._fused
+        model.set_prefill_schedule(chunk, overlap)
+        assert model._fused is fused and fused.chunks == chunk and (model._visual_stream is not None) == overlap
+        graphed = GraphedForward(model, ids, image_features=feats)
+        out = graphed(feats).float().clone()
+        out2 = graphed(feats2).float()
+    assert _rel(out, ref) < 2e-2
+    assert _rel(out2, ref2) < 2e-2
+
+
 def test_graphed_compiled_path_on_a_padded_batch():
     """The compiled merged-k/v path at batch 2 (left padding, one image per row at different places), eager and
     captured, against the reference path."""

@@ -408,7 +408,7 @@ def _left_padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize("backbone,kv", [("llama", 2), ("llama", 4), ("qwen2", 2)])
-@pytest.mark.parametrize("chunk", [None, 1])
+@pytest.mark.parametrize("chunk", [None, 1, (1,)])
 def test_merged_kv_gemm_on_a_padded_batch(backbone, kv, chunk):
     """fused.text_layer_step projects each layer's visual and text rows in ONE GEMM with the folded k/v weights
     (GQA, MHA, k/v biases): on a left-padded batch whose rows hold two images each (placeholder rows dropped), its
@@ -429,6 +429,49 @@ def test_merged_kv_gemm_on_a_padded_batch(backbone, kv, chunk):
     assert steps == [torch.Size([2, 2 * v + 10, 32])] * 3, "each layer's buffer: Sv visual rows, then T text rows"
     keep = mask.bool() & (ids != IMAGE_TOKEN_ID)
     assert_close(fast[keep], ref[keep], atol=1e-5, rtol=1e-5)
+
+
+def test_chunk_slices():
+    from saisa.model.visual_kv import chunk_slices
+
+    ranges = lambda chunk: [(sl.start, sl.stop) for sl in chunk_slices(7, chunk)]
+    assert ranges(None) == [(0, 7)]
+    assert ranges(3) == [(0, 3), (3, 6), (6, 7)]
+    assert ranges((2,)) == [(0, 2), (2, 7)], "a tuple: the first chunks' sizes, then the rest in one"
+    assert ranges((1, 2)) == [(0, 1), (1, 3), (3, 7)]
+    assert ranges((3, 4)) == [(0, 3), (3, 7)], "no empty last chunk"
+    for bad in (0, (0, 2), (4, 4), ()):
+        with pytest.raises(ValueError):
+            chunk_slices(7, bad)
+
+
+def test_prefill_schedule_changes_without_recompiling():
+    """set_prefill_schedule reorders the compiled path's visual chunks (all at once, one per layer, the first layer
+    then the rest) on the same compiled functions; every order computes the reference's function, and a schedule
+    that does not fit the layers fails before anything is folded or compiled."""
+    model = tiny_model("saisa", text=tiny_text_config(num_hidden_layers=3))
+    ids = with_images(seed=27, length=11, image_at=[2, 6])[None]
+    pixels = random_pixels(2)
+    with pytest.raises(ValueError, match="cover at most the 3 layers"):
+        model.optimize_for_inference(chunk=(2, 2), compile=True, compile_backend="eager")
+    assert model._folded_kv is None and model._fused is None
+    with torch.no_grad():
+        ref = model(input_ids=ids, pixel_values=pixels).logits
+        model.optimize_for_inference(compile=True, compile_backend="eager")
+        fused = model._fused
+        assert fused.chunks is None and model._visual_stream is None, "default: all layers at once, one stream"
+        rows = text_rows(ids[0])
+        sizes, visual = [], fused.visual
+        fused.visual = lambda *a: sizes.append(a[-3]) or visual(*a)  # (..., layers, eps, text_len)
+        for chunk, overlap in [(None, False), (1, True), ((1,), True), ((1, 1), False)]:
+            model.set_prefill_schedule(chunk, overlap)
+            assert model._fused is fused and fused.chunks == chunk
+            sizes.clear()
+            out = model(input_ids=ids, pixel_values=pixels).logits
+            assert sizes == {None: [3], 1: [1, 1, 1], (1,): [1, 2], (1, 1): [1, 1, 1]}[chunk]
+            assert_close(out[0, rows], ref[0, rows], atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError):
+            model.set_prefill_schedule((4,))
 
 
 @pytest.mark.parametrize("kind", ["eager", "flex"])

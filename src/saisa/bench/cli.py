@@ -19,6 +19,7 @@ SECTIONS = ("prefill", "ttft", "throughput", "decode", "train")
 SYSTEMS = ("saisa", "naavit", "llava", "hf_llava", "saisa_opt", "hf_llava_graphs", "saisa_graphs", "llava_graphs")
 PRESETS = ("paper", "tiny")
 ATTENTION = ("eager", "sdpa", "flex")  # saisa.model.fused.ATTENTION
+SCHEDULES = ("auto", "serial", "overlap", "head4", "head8")  # "auto" and saisa.bench.systems.SAISA_SCHEDULES
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -37,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also time HF LLaVA under torch.compile(mode='reduce-overhead') (prefill, first t only)")
     parser.add_argument("--saisa-attention", choices=ATTENTION, default="eager",
                         help="attention of the compiled saisa text layers (saisa.model.fused.attend; default: eager)")
+    parser.add_argument("--saisa-schedule", choices=SCHEDULES, default="auto",
+                        help="prefill schedule of saisa_graphs (saisa.bench.systems.SAISA_SCHEDULES); auto (default): "
+                             "time each per shape and keep the fastest")
     parser.add_argument("--preset", choices=PRESETS, default="paper",
                         help="model shapes: 'paper' (Vicuna-7B + CLIP-L/336, stage 2 at Qwen2-1.5B) or 'tiny'")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
@@ -70,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
 
     results = run_suite(PRESETS[args.preset], device=args.device, sections=args.only, systems=args.systems,
                         quick=args.quick, compile_hf=args.compile, budget_s=args.budget_s,
-                        saisa_attention=args.saisa_attention,
+                        saisa_attention=args.saisa_attention, saisa_schedule=args.saisa_schedule,
                         log=lambda line: print(line, file=sys.stderr, flush=True))
     env = results["environment"]
     name = args.name or f"{args.preset}-{_device_slug(env['device'])}" + ("-quick" if args.quick else "")

@@ -10,9 +10,10 @@ Results schema (`schema: "saisa.bench/1"`):
     setting      the resolved Setting (text/vision/train configs, token counts, batches, recipe sizes)
     ceilings     {copy_gb_per_s (read + written), matmul_tflops, copy_bytes, matmul_n, dtype, copy, matmul}
     systems      {name: {status (built | skipped), source (saisa | hf), arch, variant, method (what ran), note,
-                  params_mb, [compile_s]}}
+                  params_mb, [compile_s], [schedule]}}
     entries      [{section (prefill | ttft | throughput | decode | train), system, arch, batch, text_tokens,
                    [context | stage, llm], status (ok | oom | error | n/a | skipped), [error], [method],
+                   [schedule, schedule_settings, [schedule_trials_ms]] (saisa_graphs: the prefill schedule run),
                    median_ms, p10_ms, p90_ms, min_ms, spread, repeats, warmup, clock,
                    flops, bytes, floor_ms, bound (compute | memory), over_floor,
                    peak_mb (the system's weights + peak allocation above them), peak_extra_mb,
@@ -251,7 +252,24 @@ def _latency_section(results, section: str, shapes: list[tuple[int, int]], label
     lines = [f"### {SECTION_TITLES[section]}", "",
              ("Each cell: median / floor (the larger of FLOPs over the measured matmul rate and bytes over the "
               "measured copy bandwidth; com = compute-bound, mem = memory-bound)."), ""]
-    return lines + _md_table(header, rows + ratio_rows, text_columns=2) + [""]
+    return lines + _md_table(header, rows + ratio_rows, text_columns=2) + [""] + _schedules(results, section, shapes)
+
+
+def _schedules(results, section: str, shapes: list[tuple[int, int]]) -> list[str]:
+    """One line per system whose entries record a prefill schedule: the one run at each shape, with the trials."""
+    lines = []
+    for s in _systems(results):
+        parts = []
+        for b, t in shapes:
+            e = _one(results, section, s, batch=b, text_tokens=t)
+            if e and e.get("schedule"):
+                trials = e.get("schedule_trials_ms") or {}
+                timed = ", ".join(f"{n} {_fmt(ms, 2)}" for n, ms in trials.items() if isinstance(ms, (int, float)))
+                shape = f"t={t}" if b == 1 else f"b={b} t={t}"
+                parts.append(f"{shape} {e['schedule']}" + (f" ({timed} ms)" if timed else ""))
+        if parts:
+            lines.append(f"{s} prefill schedule: " + "; ".join(parts) + ".")
+    return [*lines, ""] if lines else []
 
 
 def _paper_section(results) -> list[str]:

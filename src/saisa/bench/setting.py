@@ -92,8 +92,8 @@ class Repeats:
     repeats: int = 20
     throughput_repeats: int = 10
     decode_repeats: int = 100  # eager decode is launch-bound and jittery (p90 up to 2x the median)
-    train_warmup: int = 2
-    train_repeats: int = 6
+    train_warmup: int = 3
+    train_repeats: int = 15  # stage-2 steps on an H100 spread 160-250 ms over 5 repeats (train-variants-h100)
 
     @classmethod
     def quick(cls) -> Repeats:

@@ -124,7 +124,7 @@ class Suite:
                 if section == "prefill" and (batch, t) == (1, s.text_tokens[0]):
                     system._k = 0  # the first input set, for the cross-system check
                     self.logits[system.name] = system.prefill()[:, -1].float().clone()
-            entry.update(status="ok", method=system.method)
+            entry.update(status="ok", method=system.method, **system.entry_info())
             f = FLOPS_FUNCTIONS[system.arch](spec, vspec, t)
             flops = batch * f.total + lm_head_flops(spec, batch)
             nbytes = (system.llm_bytes() + kv_bytes(spec, vspec.num_tokens + t, batch, self.element)
@@ -315,10 +315,11 @@ def run_suite(
     setting: Setting, *, device: str | torch.device | None = None, sections: tuple[str, ...] = SECTIONS,
     systems: tuple[str, ...] = INFERENCE_SYSTEMS, quick: bool = False, compile_hf: bool = False,
     budget_s: float | None = None, repeats: Repeats | None = None, log: Callable[[str], None] = print,
-    saisa_attention: str = "eager",
+    saisa_attention: str = "eager", saisa_schedule: str = "auto",
 ) -> dict[str, Any]:
     """Run the sections; return the results dict (schema in saisa.bench.report). saisa_attention: the attention
-    of the compiled saisa fast path (`optimize_for_inference(attention=...)`)."""
+    of the compiled saisa fast path (`optimize_for_inference(attention=...)`); saisa_schedule: its prefill schedule
+    (systems.SAISA_SCHEDULES, or "auto": saisa_graphs times them all per shape and keeps the fastest)."""
     for kind, given, known in (("sections", sections, SECTIONS), ("systems", systems, INFERENCE_SYSTEMS)):
         if set(given) - set(known):
             raise ValueError(f"unknown {kind} {sorted(set(given) - set(known))}; choose from {known}")
@@ -336,7 +337,8 @@ def run_suite(
     }
     inference = [sec for sec in sections if sec != "train"]
     log("building models ...")
-    suite.systems, skipped, hf, ours = make_systems(setting, device, systems, compile_hf, saisa_attention)
+    suite.systems, skipped, hf, ours = make_systems(setting, device, systems, compile_hf, saisa_attention,
+                                                    saisa_schedule)
     results["systems"].update({n: {"status": "skipped", "note": why} for n, why in skipped.items()})
     shapes = {
         "prefill": [(1, t) for t in setting.text_tokens],

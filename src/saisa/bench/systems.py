@@ -20,7 +20,23 @@ import torch
 from torch import nn
 
 from .setting import Setting, vision_spec
-from .timing import MIB, free_memory, is_cuda, tensor_bytes
+from .timing import MIB, free_memory, is_cuda, tensor_bytes, time_fn
+
+# Prefill schedules of the compiled saisa path by name: arguments of `set_prefill_schedule` (and of
+# `optimize_for_inference`). scripts/profile_prefill.py times them one against another (H100, t=64, one run:
+# serial 8.96 ms, overlap 9.22).
+SAISA_SCHEDULES: dict[str, dict[str, Any]] = {
+    # All layers' projector MLPs in two bmm's, then the text layers, on one stream.
+    "serial": {"chunk": None, "overlap": False},
+    # One layer's visual inputs per chunk on a side stream, overlapping the text layers (the bench's setting until
+    # 2026-11-22).
+    "overlap": {"chunk": 1, "overlap": True},
+    # The first 4 (8) layers' visual inputs, then the other layers' in one batched step on a side stream while the
+    # text layers 0-3 (0-7) run: the batched steps' efficiency, with some overlap.
+    "head4": {"chunk": (4,), "overlap": True},
+    "head8": {"chunk": (8,), "overlap": True},
+}
+AUTO = "auto"  # time every schedule per shape and keep the fastest (OursGraphed)
 
 
 # ----------------------------------------------------------------------------------------------------- building
@@ -211,6 +227,10 @@ class System:
         self._k += 1
         return s
 
+    def entry_info(self) -> dict[str, Any]:
+        """What this system adds to the entry of the shape last prepared (e.g. the schedule it ran)."""
+        return {}
+
     def prefill(self) -> torch.Tensor:
         raise NotImplementedError
 
@@ -260,16 +280,79 @@ class OursEager(System):
 
 
 class OursGraphed(OursEager):
-    """The CUDA-graph fast path (`saisa.model.graphs.GraphedForward`) over a model prepared for inference."""
+    """The CUDA-graph fast path (`saisa.model.graphs.GraphedForward`) over a model prepared for inference.
+
+    saisa: `schedule` names a prefill schedule (SAISA_SCHEDULES), or "auto": at each new (batch, t) every schedule
+    is captured and timed (10 replays) and the fastest is kept for that shape (ttft reuses prefill's choice); the
+    entry records the schedule and the trials. `base`: the schedule the model was optimized with, restored on
+    release (saisa_opt runs the same model object)."""
 
     variant = "cuda_graph"
     decodes = False
 
-    def prepare(self, batch, t, sets):
+    def __init__(self, name, model, arch, schedule: str | None = None, base: str = "serial") -> None:
+        super().__init__(name, model, arch)
+        if schedule not in (None, AUTO, *SAISA_SCHEDULES):
+            raise ValueError(f"unknown schedule {schedule!r}; choose from {(AUTO, *SAISA_SCHEDULES)}")
+        self.schedule, self.base = schedule, base
+        self.chosen: dict[tuple[int, int], str] = {}
+        self.trials: dict[tuple[int, int], dict[str, Any]] = {}
+        self._shape: tuple[int, int] | None = None
+        self.graphed = None
+
+    def _capture(self, sets):
         from saisa.model.graphs import GraphedForward
 
+        return GraphedForward(self.model, sets[0].ids, None, sets[0].features, logits_to_keep=1)
+
+    def _pick(self, batch: int, t: int, sets) -> str:
+        """The schedule for this shape: the one named, or under "auto" the fastest of all (timed once per shape)."""
+        if self.schedule != AUTO:
+            return self.schedule
+        if (batch, t) not in self.chosen:
+            device = sets[0].features.device
+            trials: dict[str, Any] = {}
+            for name, kw in SAISA_SCHEDULES.items():
+                graph = None
+                try:
+                    self.model.set_prefill_schedule(**kw)
+                    graph = self._capture(sets)
+                    timing = time_fn(lambda i, g=graph: g(sets[i % len(sets)].features), device, warmup=3,
+                                     repeats=10)
+                    trials[name] = round(timing.median_ms, 3)
+                except Exception as err:  # noqa: BLE001 - a schedule that cannot run here is not chosen
+                    trials[name] = f"{type(err).__name__}: {str(err)[:200]}"
+                finally:
+                    graph = None
+                    free_memory(device)
+            timed = {n: ms for n, ms in trials.items() if isinstance(ms, float)}
+            if not timed:
+                raise RuntimeError(f"no prefill schedule ran: {trials}")
+            self.chosen[(batch, t)] = min(timed, key=timed.get)
+            self.trials[(batch, t)] = trials
+            if is_cuda(device):  # the entry's peak memory is the chosen graph's, not the trials'
+                torch.cuda.reset_peak_memory_stats(device)
+        return self.chosen[(batch, t)]
+
+    def prepare(self, batch, t, sets):
         super().prepare(batch, t, sets)
-        self.graphed = GraphedForward(self.model, sets[0].ids, None, sets[0].features, logits_to_keep=1)
+        self._shape = (batch, t)
+        if self.schedule is not None:
+            self.chosen[(batch, t)] = self._pick(batch, t, sets)
+            self.model.set_prefill_schedule(**SAISA_SCHEDULES[self.chosen[(batch, t)]])
+        self.graphed = self._capture(sets)
+
+    def entry_info(self):
+        if self.schedule is None or self._shape not in self.chosen:
+            return {}
+        name = self.chosen[self._shape]
+        info: dict[str, Any] = {"schedule": name, "schedule_settings": _jsonable(SAISA_SCHEDULES[name])}
+        if self._shape in self.trials:
+            info["schedule_trials_ms"] = self.trials[self._shape]
+        return info
+
+    def info(self):
+        return {**super().info(), **({"schedule": self.schedule} if self.schedule is not None else {})}
 
     def prefill(self):
         return self.graphed(self._next().features)
@@ -281,6 +364,12 @@ class OursGraphed(OursEager):
     def release(self):
         super().release()
         self.graphed = None
+        if self.schedule is not None:
+            self.model.set_prefill_schedule(**SAISA_SCHEDULES[self.base])
+
+
+def _jsonable(settings: dict[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
 
 
 def _hf_prefill(hf: nn.Module, ids: torch.Tensor, features: torch.Tensor, mask: torch.Tensor | None,
@@ -449,12 +538,16 @@ def _allocated(device: torch.device) -> int:
 
 
 def make_systems(setting: Setting, device: torch.device, wanted: tuple[str, ...], compile_hf: bool,
-                 saisa_attention: str = "eager"):
+                 saisa_attention: str = "eager", saisa_schedule: str = AUTO):
     """HF LLaVA, our architectures over its weights, and the systems that run them: (systems, skipped, hf, ours).
 
     `*_opt` and `*_graphs` run a second model object over the same weights after `optimize_for_inference()`, so
-    inference-only state (folded weights, side streams) stays off the plain eager models.
+    inference-only state (folded weights, side streams) stays off the plain eager models. saisa_schedule: a
+    SAISA_SCHEDULES name, or "auto" (saisa_graphs picks per shape; saisa_opt runs "serial").
     """
+    if saisa_schedule not in (AUTO, *SAISA_SCHEDULES):
+        raise ValueError(f"unknown saisa schedule {saisa_schedule!r}; choose from {(AUTO, *SAISA_SCHEDULES)}")
+    base = "serial" if saisa_schedule == AUTO else saisa_schedule
     hf = build_hf_llava(setting, device)
     ours = {arch: build_ours(setting, arch, device, donor=hf) for arch in ("saisa", "naavit", "llava")}
     systems: dict[str, System] = {arch: OursEager(arch, ours[arch], arch) for arch in ours}
@@ -468,9 +561,8 @@ def make_systems(setting: Setting, device: torch.device, wanted: tuple[str, ...]
             before = _allocated(device)
             if hasattr(model, "optimize_for_inference"):
                 # The graphed saisa engine runs the compiled per-layer functions (fused.py); llava has no fast path.
-                # chunk=1 + overlap: each layer's visual K/V on a side stream (best in the 2026-11-21 profile).
-                model.optimize_for_inference(compile=is_cuda(device), chunk=1, overlap=True, dynamic=False,
-                                             attention=saisa_attention)
+                model.optimize_for_inference(compile=is_cuda(device), dynamic=False, attention=saisa_attention,
+                                             **SAISA_SCHEDULES[base])
             optimized[arch] = (model, _allocated(device) - before)
         return optimized[arch]
 
@@ -494,8 +586,12 @@ def make_systems(setting: Setting, device: torch.device, wanted: tuple[str, ...]
                 skipped[name] = missing
             elif name in wanted:
                 model, extra = optimized_model(arch)
-                add(OursGraphed(name, model, arch), extra,
+                saisa = arch == "saisa"
+                schedule = ("each shape's fastest of " + ", ".join(SAISA_SCHEDULES) if saisa_schedule == AUTO
+                            else saisa_schedule)
+                add(OursGraphed(name, model, arch, saisa_schedule if saisa else None, base), extra,
                     "saisa.model.graphs.GraphedForward after optimize_for_inference(); keeps no KV cache"
-                    + (f"; attention={saisa_attention} (fused.attend)" if arch == "saisa" else ""))
+                    + (f"; attention={saisa_attention} (fused.attend); prefill schedule: {schedule} "
+                       "(SAISA_SCHEDULES; each entry records its own)" if saisa else ""))
     keep = {n: sys for n, sys in systems.items() if n in wanted or n == "hf_llava_compile"}
     return keep, {n: why for n, why in skipped.items() if n in wanted}, hf, ours

@@ -45,8 +45,10 @@ from .vision import (
     vision_feature_dim,
 )
 from .visual_kv import (
+    Chunks,
     FoldedKV,
     _place,
+    chunk_slices,
     fold_kv_weights,
     saisa_visual_inputs,
     saisa_visual_kv,
@@ -61,6 +63,7 @@ class FusedPath:
     visual: Callable
     layers: list[TextLayer]
     attention: str = "eager"  # the form of fused.attend
+    chunks: Chunks = None  # layers per visual chunk (visual_kv.chunk_slices)
 
 
 class SaisaPreTrainedModel(PreTrainedModel):
@@ -142,8 +145,8 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
     def optimize_for_inference(
         self,
         fold: bool = True,
-        chunk: int | None = None,
-        overlap: bool = True,
+        chunk: Chunks = None,
+        overlap: bool = False,
         compile: bool = False,
         compile_backend: str = "inductor",
         dynamic: bool | None = False,
@@ -153,17 +156,18 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         """Speed up the saisa prefill without changing its function (inference only; `train()` undoes it).
 
         fold: stack every layer's visual k/v projection with its input-norm weight folded in (costs 2·n·h·k
-        weights of memory). chunk: layers per batched visual step (None = all). overlap: on CUDA, run the visual
-        path on a side stream so it overlaps the text layers. compile: run the text layers and visual chunks
-        through `torch.compile`d pure functions (fused.py), traced once for all layers: the visual chunks stop at
-        each layer's normalised inputs, and each text layer projects them with its text rows in one GEMM with the
-        folded k/v weights (so `compile` implies `fold`); prefill without a cache only. dynamic:
-        passed to torch.compile (False: one compile per shape, whose kernels index without 64-bit divisions; with
-        dynamic shapes the visual RoPE kernel ran 10x under bandwidth on an H100). attention: the compiled text
-        layers' form of attention (fused.attend: "eager", "sdpa" or "flex"; at batch 1 the fused SDPA kernel was
-        35 us of a layer's ~280 on an H100, scripts/profile_prefill.py times the three). compile_mode: passed to
-        torch.compile with the inductor backend (e.g. "max-autotune-no-cudagraphs": Triton GEMMs tuned against
-        cuBLAS; minutes of compile).
+        weights of memory). chunk, overlap: the prefill schedule (`set_prefill_schedule`); the default, all layers'
+        visual inputs in one batched step on one stream before the first text layer, was the fastest CUDA graph at
+        t=64 on an H100 (8.96 ms against 9.22 with chunk=1 and overlap, one run of scripts/profile_prefill.py).
+        compile: run the text layers and visual chunks through `torch.compile`d pure functions (fused.py), traced
+        once for all layers: the visual chunks stop at each layer's normalised inputs, and each text layer projects
+        them with its text rows in one GEMM with the folded k/v weights (so `compile` implies `fold`); prefill
+        without a cache only. dynamic: passed to torch.compile (False: one compile per shape, whose kernels index
+        without 64-bit divisions; with dynamic shapes the visual RoPE kernel ran 10x under bandwidth on an H100).
+        attention: the compiled text layers' form of attention (fused.attend: "eager", "sdpa" or "flex"; at batch 1
+        the fused SDPA kernel was 35 us of a layer's ~280 on an H100, scripts/profile_prefill.py times the three).
+        compile_mode: passed to torch.compile with the inductor backend (e.g. "max-autotune-no-cudagraphs": Triton
+        GEMMs tuned against cuBLAS; minutes of compile).
         """
         if attention not in ATTENTION:
             raise ValueError(f"unknown attention {attention!r}; choose from {ATTENTION}")
@@ -171,10 +175,8 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
             return
         if any(getattr(layer.self_attn, "k_norm", None) is not None for layer in self.layers):
             fold = compile = False  # Qwen3's per-head k norm follows k_proj: nothing to fold into it
+        chunk_slices(len(self.layers), chunk)  # a bad schedule fails before minutes of compile
         self._folded_kv = fold_kv_weights(self.layers) if fold or compile else None
-        self.visual_kv_chunk = chunk
-        device = self.get_input_embeddings().weight.device
-        self._visual_stream = torch.cuda.Stream(device) if overlap and device.type == "cuda" else None
         self._fused = None
         if compile and all(supports_fused(layer) for layer in self.layers):
             from torch._dynamo import config as dynamo_config
@@ -195,6 +197,25 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
                 ],
                 attention=attention,
             )
+        self.set_prefill_schedule(chunk, overlap)
+
+    def set_prefill_schedule(self, chunk: Chunks = None, overlap: bool = False) -> None:
+        """Order the saisa prefill's visual work, after `optimize_for_inference`, without folding or compiling again
+        (a chunk size not seen before compiles the visual step once for its shape).
+
+        chunk: layers per batched visual step (visual_kv.chunk_slices): None, all layers at once (2 bmm's for the
+        projector MLPs of all n layers); an int, chunks of that many; a tuple, the first chunks' sizes, then the rest
+        in one (compiled path only; the uncompiled path then takes all layers at once). overlap: on CUDA, run the
+        chunks on a side stream, each text layer waiting for its own chunk, so later chunks can run beside the first
+        text layers. The visual GEMMs are compute-bound and the text GEMMs memory-bound, but each kernel fills the
+        SMs, so running them together slows both nearly as much as it overlaps them (scripts/profile_prefill.py).
+        """
+        chunk_slices(len(self.layers), chunk)
+        self.visual_kv_chunk = chunk if chunk is None or isinstance(chunk, int) else None
+        if self._fused is not None:
+            self._fused.chunks = chunk
+        device = self.get_input_embeddings().weight.device
+        self._visual_stream = torch.cuda.Stream(device) if overlap and device.type == "cuda" else None
 
     def train(self, mode: bool = True):
         if mode:  # folded weights would go stale as soon as the weights move
@@ -425,7 +446,7 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         stream = self._visual_stream if text_h.is_cuda else None
         inputs, events = saisa_visual_inputs(
             len(self.layers), self.multi_modal_projector, features, layout, eps, hidden.shape[1],
-            chunk=self.visual_kv_chunk, stream=stream, fn=fused.visual,
+            chunk=fused.chunks, stream=stream, fn=fused.visual,
         )  # each (B, Sv + T, h)
         key_cos, key_sin = torch.cat([vis_cos, cos], dim=1), torch.cat([vis_sin, sin], dim=1)  # (B, Sv + T, D)
         # The float mask SDPA would make from the boolean one in every layer, made once.

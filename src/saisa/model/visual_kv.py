@@ -6,10 +6,11 @@ each layer's k_proj/v_proj with its input-norm weight folded in, so a chunk's K/
 RoPE and the copies are done once for all the chunk's layers (fused.visual_kv_chunk) instead of per layer. The
 compiled prefill stops earlier (`saisa_visual_inputs`): each layer's normalised visual inputs, which its text step
 projects together with the text rows. On CUDA the chunks can run on a side stream with one event per chunk, so the
-compute-bound visual path can overlap the memory-bound text layers. In training with per-layer projectors
-(stage 2), visual_grad.VisualKeyValue computes all layers' K/V in one autograd Function that keeps little more than
-Z and recomputes the MLPs in its own backward; `recomputed_key_value` (per-layer checkpoints) is the slower
-alternative, for what that Function does not cover (LoRA on k/v, Qwen3).
+compute-bound visual path can overlap the memory-bound text layers (each GEMM fills the SMs, so little of it does on
+an H100: modeling.set_prefill_schedule). In training with per-layer projectors (stage 2),
+visual_grad.VisualKeyValue computes all layers' K/V in one autograd Function that keeps little more than Z and
+recomputes the MLPs in its own backward; `recomputed_key_value` (per-layer checkpoints) is the slower alternative,
+for what that Function does not cover (LoRA on k/v, Qwen3).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from itertools import accumulate, pairwise
 
 import torch
 from torch import nn
@@ -67,17 +69,39 @@ def _place(projected: torch.Tensor, layout: SequenceLayout) -> torch.Tensor:
     return projected[:, layout.image_slots.clamp(min=0)].flatten(2, 3)
 
 
+Chunks = int | tuple[int, ...] | None  # layers per visual chunk: see chunk_slices
+
+
+def chunk_slices(n: int, chunk: Chunks) -> list[slice]:
+    """The layer ranges of the visual chunks of n layers. chunk: None, all layers in one chunk; an int c, chunks of c
+    layers (the last may be shorter); a tuple, the sizes of the first chunks, the remaining layers (if any) in one
+    last chunk. E.g. n = 32, (4,): layers 0-3, then 4-31 in one batched step, which a side stream can run while the
+    text layers 0-3 run (prefill schedules: saisa.bench.systems.SAISA_SCHEDULES)."""
+    if chunk is None:
+        return [slice(0, n)]
+    if isinstance(chunk, int):
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1 layer, got {chunk}")
+        return [slice(start, min(n, start + chunk)) for start in range(0, n, chunk)]
+    sizes = [int(c) for c in chunk]
+    if not sizes or min(sizes) < 1 or sum(sizes) > n:
+        raise ValueError(f"chunk sizes {tuple(chunk)} must be >= 1 layer each and cover at most the {n} layers")
+    if sum(sizes) < n:
+        sizes.append(n - sum(sizes))
+    bounds = [0, *accumulate(sizes)]
+    return [slice(a, b) for a, b in pairwise(bounds)]
+
+
 def _by_chunks(
     n: int,
-    chunk: int | None,
+    chunk: Chunks,
     layout: SequenceLayout,
     stream: torch.cuda.Stream | None,
     compute: Callable[[slice, torch.Tensor], list],
 ) -> tuple[list, list[torch.cuda.Event | None]]:
-    """compute(layers, slots) for each chunk of `chunk` layers (None: all), on `stream` when given: the per-layer
-    results (tensors or tuples of tensors) and per-layer events the text layer must wait on (None when computed on
-    the current stream)."""
-    chunk = chunk or n
+    """compute(layers, slots) for each chunk (`chunk_slices`), on `stream` when given: the per-layer results
+    (tensors or tuples of tensors) and per-layer events the text layer must wait on (None when computed on the
+    current stream)."""
     main = torch.cuda.current_stream() if stream is not None else None
     # Made on the main stream BEFORE the side stream's wait, and kept alive for it: the side stream reads it
     # (computed after the wait, or freed on return, it could be read before it is written or after it is reused).
@@ -87,8 +111,7 @@ def _by_chunks(
         slots.record_stream(stream)
     out: list = []
     events: list[torch.cuda.Event | None] = []
-    for start in range(0, n, chunk):
-        sl = slice(start, min(n, start + chunk))
+    for sl in chunk_slices(n, chunk):
         with torch.cuda.stream(stream) if stream is not None else nullcontext():
             part = compute(sl, slots)
             event = None
@@ -146,7 +169,7 @@ def saisa_visual_inputs(
     layout: SequenceLayout,
     eps: float,
     text_len: int,
-    chunk: int | None = None,
+    chunk: Chunks = None,
     stream: torch.cuda.Stream | None = None,
     fn: Callable = visual_inputs_chunk,
 ) -> tuple[list[torch.Tensor], list[torch.cuda.Event | None]]:
