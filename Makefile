@@ -1,4 +1,4 @@
-# Two entry points for a fresh machine: `make demo` (main job, embedded default) and `make test`.
+# Two entry points for a fresh machine: `make demo` (main job: the embedded training demo) and `make test`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/saisa flops --measured
+	$(VENV)/bin/saisa demo
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

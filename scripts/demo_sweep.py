@@ -25,27 +25,29 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+SYNTH_KEYS = ("data.synth_max_objects", "data.synth_questions")  # recipe keys that change the synthesized set
 
-def synth_set(root: Path, scenes: int, test_scenes: int, max_objects: str, env: dict[str, str]) -> Path:
-    """OUT/_synth_<scenes>_<test>_<max objects>/synth, written once by `saisa demo --data-only`."""
-    base = root / f"_synth_{scenes}_{test_scenes}_{max_objects}"
+
+def synth_set(root: Path, scenes: int, test_scenes: int, key: tuple[str, ...], env: dict[str, str]) -> Path:
+    """OUT/_synth_<scenes>_<test>_<max objects>_<questions>/synth, written once by `saisa demo --data-only`."""
+    base = root / "_".join(["_synth", str(scenes), str(test_scenes), *(v or "d" for v in key)])
     if not (base / "synth" / "synth_meta.json").is_file():
+        overrides = [a for k, v in zip(SYNTH_KEYS, key) if v for a in ("--stage1", f"{k}={v}")]
         subprocess.run([sys.executable, "-m", "saisa", "demo", "--data-only", "--out", str(base),
-                        "--test-scenes", str(test_scenes), "--stage1", f"data.synthesize={scenes}",
-                        "--stage1", f"data.synth_max_objects={max_objects}"],
+                        "--test-scenes", str(test_scenes), "--stage1", f"data.synthesize={scenes}", *overrides],
                        check=True, env=env, stdout=subprocess.DEVNULL)
     return base / "synth"
 
 
-def max_objects(extra: list[str]) -> str:
-    """The variant's data.synth_max_objects override, or the set's default (6)."""
-    return next((a.split("=", 1)[1] for a in extra if a.startswith("data.synth_max_objects=")), "6")
+def synth_key(extra: list[str]) -> tuple[str, ...]:
+    """The variant's overrides of SYNTH_KEYS ("" where it keeps the recipe's value)."""
+    return tuple(next((a.split("=", 1)[1] for a in extra if a.startswith(k + "=")), "") for k in SYNTH_KEYS)
 
 
 def run_variant(name: str, scenes: int, extra: list[str], args: argparse.Namespace, env: dict[str, str]
                 ) -> dict:
     out = Path(args.out) / name
-    synth = synth_set(Path(args.out), scenes, args.test_scenes, max_objects(extra), env)
+    synth = synth_set(Path(args.out), scenes, args.test_scenes, synth_key(extra), env)
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(synth, out / "synth")
     extra = [a.replace("@synth/", str(out / "synth") + "/") for a in extra]
@@ -104,8 +106,8 @@ def main() -> int:
     root = Path(args.out)
     root.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    for scenes, objects in sorted({(variants[n][0], max_objects(variants[n][1])) for n in names}):
-        synth_set(root, scenes, args.test_scenes, objects, env)  # sets first, so variants do not race to write them
+    for scenes, key in sorted({(variants[n][0], synth_key(variants[n][1])) for n in names}):
+        synth_set(root, scenes, args.test_scenes, key, env)  # sets first, so variants do not race to write them
     done: list[dict] = []
 
     def one(name: str) -> dict:

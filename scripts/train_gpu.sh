@@ -18,7 +18,7 @@
 #   bash scripts/train_gpu.sh compare A/metrics.jsonl B/metrics.jsonl   # the comparison alone (any two runs)
 #
 # REAL_LLM=1 trains the pretrained SmolLM2 instead (its GGUF must be in $SAISA_CACHE and the gguf package importable;
-# stage 2 then uses the demo recipe's own data, train_mix.json, and learning rates).
+# stage 2 then uses the demo's earlier data, train_mix.json, and learning rates).
 # Knobs (env): SCENES (4000 synthetic training scenes), S1_STEPS (150), S2_STEPS (250), OUT (/tmp/saisa-train-gpu),
 # PYTHON (python3), SAISA_CACHE (./.cache/saisa). Budget: well under 8 minutes on two H200s (each run is killed at
 # RUN_TIMEOUT s, default 170). Needs torch, transformers, accelerate; no gguf, no peft.
@@ -100,16 +100,19 @@ transformers.__version__, 'accelerate', accelerate.__version__, 'gpus', torch.cu
 } 2>&1 | tee "$OUT/env.txt"
 
 SYNTH="$OUT/synth"
+# The demo recipes' values of the committed runs (train-gpu-h200x2*), before the demo started from its checkpoint
+# and asked describe-first: the pretrained parts only, 1-6 shapes, 3 questions, stage 1 at lr 2e-3.
 COMMON=(precision=bf16 log.progress=false log.every=1 data.num_workers=4
-        schedule.global_batch=32 schedule.micro_batch=16 save_every=null)
+        schedule.global_batch=32 schedule.micro_batch=16 save_every=null
+        model.init_delta=null data.synth_max_objects=6 data.synth_questions=3)
 if [ "${REAL_LLM:-0}" = 1 ]; then  # the pretrained SmolLM2 (its GGUF in $SAISA_CACHE, gguf importable): the demo's
-  S2_EXTRA=("data.json=$SYNTH/train_mix.json")  # stage-2 data and learning rates
+  S2_EXTRA=("data.json=$SYNTH/train_mix.json" optim.lr=1e-4 optim.projector_lr=2e-3 data.max_length=160)
 else
   COMMON+=(model.llm=random:assets/smollm2-135m-config)
   S2_EXTRA=("data.json=$SYNTH/train_qa.json" optim.lr=3e-4 optim.projector_lr=1e-3)
 fi
 STAGE1=(recipes/demo-stage1.yaml "${COMMON[@]}" "data.json=$SYNTH/train_caption.json" "data.synthesize=${SCENES:-4000}"
-        "schedule.max_steps=${S1_STEPS:-150}" schedule.epochs=null)
+        "schedule.max_steps=${S1_STEPS:-150}" schedule.epochs=null optim.lr=2e-3)
 STAGE2=(recipes/demo-stage2.yaml "${COMMON[@]}" "data.synthesize=${SCENES:-4000}" "${S2_EXTRA[@]}"
         "schedule.max_steps=${S2_STEPS:-250}" schedule.epochs=null stage.lora_r=0)
 

@@ -49,7 +49,8 @@ def test_demo_end_to_end_tiny(tmp_path, capsys):
     out = tmp_path / "demo"
     small = ["schedule.max_steps=2", "schedule.global_batch=4", "schedule.micro_batch=4", "log.progress=false"]
     argv = ["--out", str(out), "--test-scenes", "12", "--eval-batch", "5",
-            *[x for o in [f"model.llm=random:{llm}", f"model.vision={tower}", "data.synthesize=16", *small]
+            *[x for o in [f"model.llm=random:{llm}", f"model.vision={tower}", "model.init_delta=null",
+                          "data.synthesize=16", *small]
               for x in ("--stage1", o)],
             *[x for o in small for x in ("--stage2", o)]]
     t0 = time.perf_counter()
@@ -84,6 +85,30 @@ def test_demo_end_to_end_tiny(tmp_path, capsys):
     assert described["answer_mode"] == "describe-first" and "description" in described["example"]
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 12 and all(isinstance(r["description"], str) and r["reference_caption"] for r in rows)
+
+
+def test_demo_recipes_start_from_the_shipped_checkpoint(tmp_path, monkeypatch):
+    """The demo's stage 1 resolves assets/demo/ from any working directory, packed against the parts it builds; the
+    synthetic set is the one the checkpoint trained on (so the test split holds scenes it never saw)."""
+    import argparse
+
+    from saisa.demo import add_arguments, load_stage_recipes
+    from saisa.train.delta import read_metadata
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    monkeypatch.chdir(tmp_path)
+    first, second = load_stage_recipes(parser.parse_args(["--recipes", str(ROOT / "recipes")]))
+    meta = read_metadata(first.model.init_delta)
+    assert (meta["llm"], meta["vision"]) == (first.model.llm, first.model.vision)
+    assert meta["projector_sharing"] == "shared" and first.stage.sharing == "shared"
+    assert (first.data.synthesize, first.data.synth_max_objects, first.data.synth_questions, first.seed) == (
+        4000, 3, 6, 0)
+    assert Path(second.data.json).name == "train_describe_qa.json"
+    assert parser.parse_args([]).answer_mode == "describe-first"
+    off, _ = load_stage_recipes(parser.parse_args(["--recipes", str(ROOT / "recipes"), "--stage1",
+                                                   "model.init_delta=null"]))
+    assert off.model.init_delta is None
 
 
 def test_describe_first_prompts_are_the_training_conversations(tmp_path):
