@@ -20,6 +20,14 @@ def _model(arch: str) -> SaisaForConditionalGeneration:
     return SaisaForConditionalGeneration(tiny_config(arch, text=text)).to("cuda", torch.bfloat16).eval()
 
 
+def _loss_and_grads(model, **inputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The training loss of one forward and every parameter's gradient after its backward."""
+    model.zero_grad(set_to_none=True)
+    loss = model(**inputs).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
@@ -115,15 +123,12 @@ def test_chunked_loss_in_bf16_matches_the_logits_path(arch):
     feats = torch.randn(4, model.num_visual_tokens, 24, device="cuda", dtype=torch.bfloat16)
     results = []
     for skip in (False, True):
-        model.zero_grad(set_to_none=True)
         old = loss_module.CHUNK_ELEMENTS
         loss_module.CHUNK_ELEMENTS = 50 * 1000  # 4 x 40 rows of 1000 logits: chunks of 50 rows
         try:
-            loss = model(input_ids=ids, image_features=feats, labels=ids, skip_logits=skip).loss
+            results.append(_loss_and_grads(model, input_ids=ids, image_features=feats, labels=ids, skip_logits=skip))
         finally:
             loss_module.CHUNK_ELEMENTS = old
-        loss.backward()
-        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     (ref, ref_grads), (out, grads) = results
     assert_close(out, ref, atol=1e-3, rtol=1e-3)
     assert grads.keys() == ref_grads.keys()
@@ -146,11 +151,8 @@ def test_fused_visual_kv_in_bf16_matches_autograd(autocast):
     results = []
     for fused in (False, True):
         model.fused_visual_kv = fused
-        model.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            loss = model(input_ids=ids, image_features=feats, labels=ids).loss
-        loss.backward()
-        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+            results.append(_loss_and_grads(model, input_ids=ids, image_features=feats, labels=ids))
     (ref, ref_grads), (out, grads) = results
     assert_close(out, ref, atol=1e-2, rtol=1e-2)
     assert grads.keys() == ref_grads.keys()

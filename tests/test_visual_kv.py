@@ -180,16 +180,21 @@ def test_recomputed_visual_path_gives_the_same_loss_and_gradients(backbone, trai
         assert_close(grads[name], ref, atol=1e-12, rtol=1e-10, msg=name)
 
 
+def visual_inputs(model, features, ids):
+    """The arguments of saisa_visual_kv for `model` on Z = `features` and the batch `ids`: (layers, projector,
+    features, layout, cos, sin)."""
+    layout = model.layout(ids, torch.ones_like(ids), features.shape[0], features.shape[1])
+    pos, _ = layout.visual_positions(features.shape[1])
+    cos, sin = model.language_model.model.rotary_emb(features, pos)
+    return model.language_model.model.layers, model.multi_modal_projector, features, layout, cos, sin
+
+
 def test_recomputed_visual_path_keeps_only_the_features():
     """What autograd keeps of the recomputed visual path: Z (once, for all layers) and the RoPE tables, no
     per-layer activation."""
     model = tiny_model("saisa", text=tiny_text_config(num_hidden_layers=4)).train()
-    layers, projector = model.language_model.model.layers, model.multi_modal_projector
-    features = model.encode_images(random_pixels(4)).detach()
-    ids = batch(seed=33)
-    layout = model.layout(ids, torch.ones_like(ids), features.shape[0], features.shape[1])
-    pos, _ = layout.visual_positions(features.shape[1])
-    cos, sin = model.language_model.model.rotary_emb(features, pos)
+    layers, projector, features, layout, cos, sin = visual_inputs(
+        model, model.encode_images(random_pixels(4)).detach(), batch(seed=33))
     with saved_bytes(model) as saved:
         kv, _ = visual_kv.saisa_visual_kv(layers, projector, features, layout, cos, sin, recompute=True)
     small = sum(t.untyped_storage().nbytes() for t in (cos, sin, layout.image_slots))
@@ -253,11 +258,7 @@ def test_visual_function_gives_the_same_loss_and_gradients(backbone, trains_llm,
 def visual_kv_and_grads(model, features, ids, function: bool, chunk: int | None = None):
     """Every layer's visual (K, V) from saisa_visual_kv, and the gradients of a fixed random function of them with
     respect to Z and every parameter."""
-    layers, projector = model.language_model.model.layers, model.multi_modal_projector
-    features = features.detach().requires_grad_()
-    layout = model.layout(ids, torch.ones_like(ids), features.shape[0], features.shape[1])
-    pos, _ = layout.visual_positions(features.shape[1])
-    cos, sin = model.language_model.model.rotary_emb(features, pos)
+    layers, projector, features, layout, cos, sin = visual_inputs(model, features.detach().requires_grad_(), ids)
     model.zero_grad(set_to_none=True)
     kv, _ = visual_kv.saisa_visual_kv(layers, projector, features, layout, cos, sin, chunk=chunk, function=function)
     g = torch.Generator().manual_seed(5)
@@ -304,12 +305,8 @@ def test_visual_function_keeps_only_the_features_and_the_kv():
     """What autograd keeps of the one-Function path: Z, the pre-RoPE K/V and fp32 RMS scales of every layer, the
     stacked k/v and norm weights of the layers, the RoPE tables and slots; no (B, Sv, h) activation."""
     model = stage2_model("qwen2", dtype=torch.float32, layers=4)
-    layers, projector = model.language_model.model.layers, model.multi_modal_projector
-    features = model.encode_images(random_pixels(4)).detach()
-    ids = batch(seed=37)
-    layout = model.layout(ids, torch.ones_like(ids), features.shape[0], features.shape[1])
-    pos, _ = layout.visual_positions(features.shape[1])
-    cos, sin = model.language_model.model.rotary_emb(features, pos)
+    layers, projector, features, layout, cos, sin = visual_inputs(
+        model, model.encode_images(random_pixels(4)).detach(), batch(seed=37))
     attn = layers[0].self_attn
     n, rows, h = len(layers), layout.image_slots.numel() * features.shape[1], projector.linear_1.out_features
     kv_cols = attn.k_proj.out_features + attn.v_proj.out_features
