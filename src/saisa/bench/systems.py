@@ -23,8 +23,8 @@ from .setting import Setting, vision_spec
 from .timing import MIB, free_memory, is_cuda, tensor_bytes, time_fn
 
 # Prefill schedules of the compiled saisa path by name: arguments of `set_prefill_schedule` (and of
-# `optimize_for_inference`). scripts/profile_prefill.py times them one against another (H100, t=64, one run:
-# serial 8.96 ms, overlap 9.22).
+# `optimize_for_inference`). scripts/profile_prefill.py times them one against another (H100, t=64, interleaved
+# rounds: serial 8.97 ms, overlap 9.26, head4 9.02, head8 8.99; benchmarks/results/profile-prefill-h100-t64.json).
 SAISA_SCHEDULES: dict[str, dict[str, Any]] = {
     # All layers' projector MLPs in two bmm's, then the text layers, on one stream.
     "serial": {"chunk": None, "overlap": False},

@@ -158,14 +158,15 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         fold: stack every layer's visual k/v projection with its input-norm weight folded in (costs 2·n·h·k
         weights of memory). chunk, overlap: the prefill schedule (`set_prefill_schedule`); the default, all layers'
         visual inputs in one batched step on one stream before the first text layer, was the fastest CUDA graph at
-        t=64 on an H100 (8.96 ms against 9.22 with chunk=1 and overlap, one run of scripts/profile_prefill.py).
+        t=64 on an H100 (8.97 ms against 9.26 with chunk=1 and overlap, in interleaved rounds of
+        scripts/profile_prefill.py: benchmarks/results/profile-prefill-h100-t64.json).
         compile: run the text layers and visual chunks through `torch.compile`d pure functions (fused.py), traced
         once for all layers: the visual chunks stop at each layer's normalised inputs, and each text layer projects
         them with its text rows in one GEMM with the folded k/v weights (so `compile` implies `fold`); prefill
         without a cache only. dynamic: passed to torch.compile (False: one compile per shape, whose kernels index
         without 64-bit divisions; with dynamic shapes the visual RoPE kernel ran 10x under bandwidth on an H100).
         attention: the compiled text layers' form of attention (fused.attend: "eager", "sdpa" or "flex"; at batch 1
-        the fused SDPA kernel was 35 us of a layer's ~280 on an H100, scripts/profile_prefill.py times the three).
+        SDPA took 20 us per layer and the eager form 13 on an H100, profile-prefill-h100-t64.json's pieces).
         compile_mode: passed to torch.compile with the inductor backend (e.g. "max-autotune-no-cudagraphs": Triton
         GEMMs tuned against cuBLAS; minutes of compile).
         """
