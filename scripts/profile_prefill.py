@@ -45,13 +45,18 @@ VARIANTS = {
     "eager-chunk2": {"chunk": 2, "overlap": True, "attention": "eager"},
     "eager-serial": {"chunk": 1, "overlap": False, "attention": "eager"},
     "serial-cublaslt": {**SAISA_SCHEDULES["serial"], "attention": "eager", "blas": "cublaslt"},
+    # The FFN's first half as aten's two GEMMs and SiLU * up (every variant above: skinny.gate_up where Triton is).
+    "serial-aten": {**SAISA_SCHEDULES["serial"], "attention": "eager", "ffn": "aten"},
+    # Without inductor's combo kernels (on CUDA every variant above launches a layer's independent elementwise
+    # kernels, the q and k RoPEs, as one; until 2026-11-22 this was "serial", and "serial-combo" the default).
+    "serial-no-combo": {**SAISA_SCHEDULES["serial"], "attention": "eager", "compile_options": {}},
     "flex": {"chunk": 1, "overlap": True, "attention": "flex"},  # newest kernels last: a fault spoils what follows
     "eager-autotune": {"chunk": 1, "overlap": True, "attention": "eager",
                        "compile_mode": "max-autotune-no-cudagraphs"},
     "serial-autotune": {**SAISA_SCHEDULES["serial"], "attention": "eager",
                         "compile_mode": "max-autotune-no-cudagraphs"},
 }
-ALIASES = {"eager-all-layers-serial": "serial"}  # names in results before 2026-11-22
+ALIASES = {"eager-all-layers-serial": "serial", "serial-combo": "serial"}  # names in results before 2026-11-22
 LATE = ("eager-autotune", "serial-autotune")
 
 

@@ -8,6 +8,7 @@ from conftest import IMAGE_TOKEN_ID, random_ids, tiny_config, tiny_text_config
 from torch.testing import assert_close
 
 from saisa import SaisaForConditionalGeneration
+from saisa.model import skinny
 from saisa.model.graphs import GraphedForward
 
 pytestmark = pytest.mark.gpu
@@ -159,3 +160,44 @@ def test_fused_visual_kv_in_bf16_matches_autograd(autocast):
     for name, g in ref_grads.items():
         assert grads[name].dtype == g.dtype
         assert _rel(grads[name], g) < 3e-2, name
+
+
+@pytest.mark.parametrize("rows", [1, 17, 64])
+@pytest.mark.parametrize("n,k", [(256, 512), (4096, 1024), (1024, 4096)])
+def test_skinny_kernels_match_aten(rows, n, k):
+    """skinny.linear (one program per block of W's rows; split-K through fp32 atomics) and skinny.gate_up equal
+    aten's GEMMs within bf16 rounding, for row counts that fill the tile, part of it, or one row of it."""
+    torch.manual_seed(rows + n)
+    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+    wg, wu = (torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k**-0.5 for _ in range(2))
+    for tiles in (skinny.DEFAULT, skinny.GATE_UP, skinny.Tiles(64, 128, 4, 4, split_k=2)):
+        assert skinny.supported(x, wg, tiles=tiles)
+        out = skinny.linear(x[None], wg, tiles)
+        assert out.shape == (1, rows, n) and out.dtype == torch.bfloat16
+        assert _rel(out[0], x.float() @ wg.float().T) < 1e-2
+    ref = torch.nn.functional.silu(x @ wg.T) * (x @ wu.T)
+    out = torch.ops.saisa.gate_up(x, wg, wu)
+    assert torch.isfinite(out).all() and _rel(out, ref) < 1e-2
+    assert not skinny.supported(x[:, :-8], wg[:, :-8]), "K must tile by block_k"
+    assert not skinny.supported(torch.randn(65, k, device="cuda", dtype=torch.bfloat16), wg)
+
+
+def test_graphed_prefill_with_the_triton_ffn_matches_aten():
+    """The compiled text layers with skinny.gate_up (ffn="triton", the default where Triton is installed) compute
+    the reference's function, as the aten FFN does, in the CUDA graph too."""
+    model = _model("saisa")
+    ids = random_ids(40, seed=3)
+    ids[5] = IMAGE_TOKEN_ID
+    ids = ids[None].cuda()
+    feats = torch.randn(1, model.num_visual_tokens, 24, device="cuda", dtype=torch.bfloat16)
+    outs = {}
+    with torch.no_grad():
+        ref = model(input_ids=ids, image_features=feats).logits[:, -1:].float()
+        for ffn in ("aten", "triton"):
+            model.optimize_for_inference(compile=True, ffn=ffn)
+            assert model._fused.ffn == ffn
+            outs[ffn] = GraphedForward(model, ids, image_features=feats)(feats).float().clone()
+        model.optimize_for_inference(compile=True)
+        assert model._fused.ffn == "triton"
+    assert _rel(outs["triton"], ref) < 2e-2
+    assert _rel(outs["triton"], outs["aten"]) < 2e-2

@@ -19,9 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import skinny  # noqa: F401 (registers torch.ops.saisa.gate_up)
 from .decoder import apply_rope
 
 ATTENTION = ("sdpa", "eager", "flex")  # the forms of `attend`
+FFN = ("aten", "triton")  # the forms of the FFN's first half: two GEMMs and SiLU * up, or skinny.gate_up's kernel
 
 
 class TextLayer(NamedTuple):
@@ -84,6 +86,7 @@ def text_layer_step(
     eps: float,
     head_dim: int,
     attention: str = "sdpa",
+    ffn: str = "aten",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One NAAViT layer for text queries: attention over [visual; text] keys, then the FFN. Returns the layer's
     output as two (B, T, h) terms, (hidden, delta), whose sum is its hidden state: the residual add is left to the
@@ -95,7 +98,7 @@ def text_layer_step(
     text GEMMs are memory-bound at batch 1). Writing in place, not concatenating, saves copying the visual rows
     per layer. Keys and values stay in (B, S, H, D) layout, so attention reads transposed views. `attn_bias` is
     the float form SDPA turns a boolean mask into, made once per forward instead of once per layer. `attention`
-    names the form of `attend`.
+    names the form of `attend`; `ffn` the FFN's first half (FFN; "triton" only where `skinny.supported`).
     """
     b, t, _ = hidden.shape
     if inputs.shape[1] != attn_bias.shape[-1]:
@@ -111,6 +114,8 @@ def text_layer_step(
     attn = attend(q, k, v, attn_bias, head_dim**-0.5, attention)  # (B, Hq, T, D)
     hidden = hidden + F.linear(attn.transpose(1, 2).reshape(b, t, -1), w.wo)
     x = rms_norm(hidden, w.ln2, eps)
+    if ffn == "triton":
+        return hidden, F.linear(torch.ops.saisa.gate_up(x, w.wg, w.wu), w.wd)
     return hidden, F.linear(F.silu(F.linear(x, w.wg)) * F.linear(x, w.wu), w.wd)
 
 

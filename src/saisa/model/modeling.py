@@ -25,10 +25,12 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from saisa.config import SaisaConfig
 
+from . import skinny
 from .cache import SaisaCache
 from .decoder import attention_block, check_decoder, feed_forward, query_key_value
 from .fused import (
     ATTENTION,
+    FFN,
     TextLayer,
     supports_fused,
     text_layer_step,
@@ -63,6 +65,7 @@ class FusedPath:
     visual: Callable
     layers: list[TextLayer]
     attention: str = "eager"  # the form of fused.attend
+    ffn: str = "aten"  # the FFN's first half (fused.FFN), where the rows allow it
     chunks: Chunks = None  # layers per visual chunk (visual_kv.chunk_slices)
 
 
@@ -152,6 +155,8 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         dynamic: bool | None = False,
         attention: str = "eager",
         compile_mode: str | None = None,
+        ffn: str = "auto",
+        compile_options: dict | None = None,
     ) -> None:
         """Speed up the saisa prefill without changing its function (inference only; `train()` undoes it).
 
@@ -168,10 +173,22 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         attention: the compiled text layers' form of attention (fused.attend: "eager", "sdpa" or "flex"; at batch 1
         SDPA took 20 us per layer and the eager form 13 on an H100, profile-prefill-h100-t64.json's pieces).
         compile_mode: passed to torch.compile with the inductor backend (e.g. "max-autotune-no-cudagraphs": Triton
-        GEMMs tuned against cuBLAS; minutes of compile).
+        GEMMs tuned against cuBLAS; minutes of compile). compile_options: inductor options for torch.compile,
+        not with compile_mode; None: on CUDA with inductor {"combo_kernels": True} (a layer's independent
+        elementwise kernels, such as the q and k RoPEs, launched as one), else none.
+        ffn: the compiled text layers' FFN first half (fused.FFN): "triton" runs SiLU(x W_g) * (x W_u) as one
+        kernel (skinny.gate_up) wherever a forward has at most skinny.MAX_ROWS text rows on CUDA, "aten" never;
+        "auto": "triton" where Triton is installed.
         """
         if attention not in ATTENTION:
             raise ValueError(f"unknown attention {attention!r}; choose from {ATTENTION}")
+        if ffn not in ("auto", *FFN):
+            raise ValueError(f"unknown ffn {ffn!r}; choose from {('auto', *FFN)}")
+        if ffn == "auto":
+            ffn = "triton" if skinny.available() else "aten"
+        on_cuda = self.get_input_embeddings().weight.is_cuda
+        if compile_options is None and compile_backend == "inductor" and compile_mode is None and on_cuda:
+            compile_options = {"combo_kernels": True}  # 8.54 vs 8.63 ms at t=64 (profile-prefill-h100-t64-combo.json)
         if self.config.architecture != "saisa":
             return
         if any(getattr(layer.self_attn, "k_norm", None) is not None for layer in self.layers):
@@ -189,6 +206,8 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
             options = {"dynamic": dynamic, "backend": compile_backend}
             if compile_mode is not None:
                 options["mode"] = compile_mode
+            if compile_options:
+                options["options"] = dict(compile_options)
             self._fused = FusedPath(
                 text=torch.compile(text_layer_step, **options),
                 visual=torch.compile(visual_inputs_chunk, **options),
@@ -197,6 +216,7 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
                     for i, layer in enumerate(self.layers)
                 ],
                 attention=attention,
+                ffn=ffn,
             )
         self.set_prefill_schedule(chunk, overlap)
 
@@ -454,11 +474,14 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         attn_bias = torch.zeros(mask.shape, dtype=hidden.dtype, device=mask.device).masked_fill(~mask, float("-inf"))
         delta = torch.zeros_like(hidden)
         main = torch.cuda.current_stream() if stream is not None else None
+        w0 = fused.layers[0]
+        ffn = "triton" if fused.ffn == "triton" and skinny.supported(hidden, w0.wg, w0.wu, tiles=skinny.GATE_UP) \
+            else "aten"
         for i, weights in enumerate(fused.layers):
             if events[i] is not None:
                 main.wait_event(events[i])
             hidden, delta = fused.text(hidden, delta, inputs[i], attn_bias, key_cos, key_sin, weights, eps, head_dim,
-                                       fused.attention)
+                                       fused.attention, ffn)
         hidden = hidden + delta
         if cols is not None:  # placeholder rows come back as zeros (their logits carry no meaning)
             hidden = text_h.new_zeros(text_h.shape).scatter(1, cols.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]),

@@ -1,0 +1,162 @@
+"""Triton GEMMs for few rows against a large weight: the text GEMMs of a batch-1 prefill (T <= 64 rows).
+
+Unusual here: at so few rows y = x W^T is memory-bound (every weight byte is read once and used T times). These
+kernels give each program a slice of W's rows and ALL of x's rows, so W is read exactly once, with a deep software
+pipeline of loads. `gate_up` reads W_gate and W_up in the same loop and applies SiLU(g) * u on the way out, the
+FFN's first half in one kernel: 2.70 TB/s at Vicuna-7B's shapes on an H100 against 2.39 for cuBLAS's two GEMMs and
+the product, so the compiled text layers use it (fused.FFN). `linear` alone only matched cuBLAS (q/o/down_proj,
+2.3-2.5 TB/s both; benchmarks/results/skinny-gemms-h100-t64.json): scripts/profile_skinny.py measures it, the model
+keeps aten's. Triton is imported lazily: the functions exist on every machine, and `supported` says when they can
+run (CUDA, Triton, shapes that tile).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+
+
+class Tiles(NamedTuple):
+    """A kernel configuration: rows of W per program (block_n), the K step (block_k), pipeline depth, warps, and how
+    many programs share the K range of one output tile (split_k > 1: fp32 atomic adds into a zeroed buffer)."""
+
+    block_n: int = 32
+    block_k: int = 128
+    stages: int = 4
+    warps: int = 4
+    split_k: int = 1
+
+
+DEFAULT = Tiles()
+# Measured fastest at 64 rows on an H100 (scripts/profile_skinny.py, benchmarks/results/skinny-gemms-h100-t64.json):
+# SiLU(x W_g^T) * (x W_u^T) for Vicuna-7B's FFN at 2.70 TB/s, against 2.39 for cuBLAS's two GEMMs and the product.
+GATE_UP = Tiles(block_n=32, block_k=128, stages=6, warps=4)
+MAX_ROWS = 64  # more rows: GATE_UP's pipeline no longer fits in shared memory, and the GEMM nears compute-bound
+
+
+@functools.cache
+def _triton():
+    """The kernels, compiled on first use (None where Triton is missing)."""
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+
+    @triton.jit
+    def linear_kernel(x_ptr, w_ptr, y_ptr, M, K, stride_xm, stride_wn, stride_ym,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+        pid_n = tl.program_id(0)
+        span = K // SPLIT_K
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.program_id(1) * span + tl.arange(0, BLOCK_K)
+        rows = offs_m[:, None] < M
+        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
+        w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for _ in range(0, span, BLOCK_K):
+            x = tl.load(x_ptrs, mask=rows, other=0.0)
+            w = tl.load(w_ptrs)
+            acc = tl.dot(x, tl.trans(w), acc)
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+        if SPLIT_K == 1:
+            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=rows)
+        else:
+            tl.atomic_add(y_ptrs, acc, mask=rows, sem="relaxed")
+
+    @triton.jit
+    def gate_up_kernel(x_ptr, wg_ptr, wu_ptr, y_ptr, M, K, stride_xm, stride_wn, stride_ym,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        pid_n = tl.program_id(0)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        rows = offs_m[:, None] < M
+        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
+        w_off = offs_n[:, None] * stride_wn + offs_k[None, :]
+        gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for _ in range(0, K, BLOCK_K):
+            x = tl.load(x_ptrs, mask=rows, other=0.0)
+            gate = tl.dot(x, tl.trans(tl.load(wg_ptr + w_off)), gate)
+            up = tl.dot(x, tl.trans(tl.load(wu_ptr + w_off)), up)
+            x_ptrs += BLOCK_K
+            w_off += BLOCK_K
+        # As the reference rounds them: gate and up to the output dtype, SiLU in fp32, the product rounded once more.
+        dtype = y_ptr.dtype.element_ty
+        g = gate.to(dtype).to(tl.float32)
+        h = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32) * up.to(dtype).to(tl.float32)
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], h.to(dtype), mask=rows)
+
+    return triton, linear_kernel, gate_up_kernel
+
+
+def available() -> bool:
+    """A CUDA device and Triton: where the kernels can run at all."""
+    return torch.cuda.is_available() and _triton() is not None
+
+
+def supported(x: torch.Tensor, *weights: torch.Tensor, tiles: Tiles = DEFAULT) -> bool:
+    """Whether the kernels can compute x W^T for these tensors: CUDA, Triton present, at most MAX_ROWS rows, every
+    weight (N, K) contiguous with N a multiple of block_n and K of block_k * split_k, x's last dim K."""
+    if not x.is_cuda or _triton() is None:
+        return False
+    rows = x.numel() // x.shape[-1]
+    n, k = weights[0].shape
+    return (rows <= MAX_ROWS and x.shape[-1] == k and n % tiles.block_n == 0
+            and k % (tiles.block_k * tiles.split_k) == 0
+            and all(w.shape == (n, k) and w.is_contiguous() and w.dtype == x.dtype for w in weights))
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, tiles: Tiles = DEFAULT) -> torch.Tensor:
+    """x (..., K) @ w (N, K)^T -> (..., N), without bias (check `supported` first)."""
+    triton, kernel, _ = _triton()
+    x2 = _rows(x)
+    m, k = x2.shape
+    n = w.shape[0]
+    block_m = max(16, triton.next_power_of_2(m))
+    split = tiles.split_k
+    y = torch.zeros(m, n, dtype=torch.float32, device=x.device) if split > 1 else x.new_empty(m, n)
+    kernel[(n // tiles.block_n, split)](
+        x2, w, y, m, k, x2.stride(0), w.stride(0), y.stride(0),
+        BLOCK_M=block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, SPLIT_K=split,
+        num_stages=tiles.stages, num_warps=tiles.warps,
+    )
+    return y.to(x.dtype).view(*x.shape[:-1], n) if split > 1 else y.view(*x.shape[:-1], n)
+
+
+def gate_up(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, tiles: Tiles = DEFAULT) -> torch.Tensor:
+    """SiLU(x wg^T) * (x wu^T), (..., K) -> (..., N), in one kernel (split_k is ignored)."""
+    triton, _, kernel = _triton()
+    x2 = _rows(x)
+    m, k = x2.shape
+    n = wg.shape[0]
+    y = x.new_empty(m, n)
+    kernel[(n // tiles.block_n,)](
+        x2, wg, wu, y, m, k, x2.stride(0), wg.stride(0), y.stride(0),
+        BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        num_stages=tiles.stages, num_warps=tiles.warps,
+    )
+    return y.view(*x.shape[:-1], n)
+
+
+
+@torch.library.custom_op("saisa::gate_up", mutates_args=())
+def gate_up_op(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor) -> torch.Tensor:
+    """`gate_up` with the GATE_UP tiles, as an operator torch.compile keeps whole (inductor cannot see into it)."""
+    return gate_up(x, wg, wu, GATE_UP)
+
+
+@gate_up_op.register_fake
+def _(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], wg.shape[0])
