@@ -32,9 +32,10 @@ from saisa.model.fused import attend
 # ------------------------------------------------------------------- an attention kernel tried, and not adopted
 # NAAViT attention for the text queries as one Triton kernel (RoPE on queries and keys as they are loaded, an online
 # softmax over key blocks, the output in o_proj's layout), optionally with the keys split over programs and merged
-# by a second kernel. Exact (rel. err 3e-3..7e-3 against fused.attend in bf16), but at t=64 on an H100 it took
-# 17-29 us per layer against ~22 for the compiled reference's RoPE + eager attention (skinny-attention-h100-t64.json),
-# so the model keeps fused.attend.
+# by a second kernel. Exact (rel. err 3e-3..7e-3 against fused.attend in bf16), but at t=64 on an H100 the kernel
+# alone took 27.7 us per layer with the keys' RoPE inside, 14.4 with keys rotated before (+4.3 for that RoPE), and
+# 20.4 + 13.8 (merge) split over 10 key spans, against 20 for the compiled reference's six kernels (RoPEs, two
+# GEMMs, softmax, copy; skinny-attention-h100-t64.json), so the model keeps fused.attend.
 @functools.cache
 def _kernel():
     try:
@@ -217,6 +218,22 @@ def graph_us(calls, reps: int = 30) -> float:
     return statistics.median(times)
 
 
+def kernel_us(calls) -> dict[str, float]:
+    """Device microseconds per call of each kernel that `calls` launch (torch.profiler over eager launches)."""
+    for c in calls:
+        c()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for c in calls:
+            c()
+        torch.cuda.synchronize()
+    totals: dict[str, float] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            totals[e.name[:90]] = totals.get(e.name[:90], 0.0) + e.device_time / len(calls)
+    return {k: round(v, 2) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
+
+
 def reference(x, per):
     if per == 2:
         return lambda w: F.silu(F.linear(x, w[0])) * F.linear(x, w[1])
@@ -336,6 +353,13 @@ def attention_section(layers: int, dev) -> dict:
             times[name] = f"{type(e).__name__}: {str(e)[:120]}"
     for name, us in times.items():
         print(f"  {name}: {us} us per layer")
+    # Where the time goes: each kernel's device time (eager launches, so launch gaps are not in these figures).
+    out["kernels_us_per_layer"] = {"compiled reference": kernel_us([lambda a=a: compiled(*a) for a in sets])}
+    for name in ("rope in kernel", "rope in kernel, split 10", "keys rotated before, 3 stages"):
+        fn = ours(settings[name])
+        out["kernels_us_per_layer"][name] = kernel_us([lambda a=a, f=fn: f(*a) for a in sets])
+    for name, kernels in out["kernels_us_per_layer"].items():
+        print(f"  kernels, {name}: {kernels}")
     return out
 
 
