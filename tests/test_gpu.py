@@ -29,6 +29,13 @@ def _loss_and_grads(model, **inputs) -> tuple[torch.Tensor, dict[str, torch.Tens
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def _prompt(model, seed: int, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """`batch` copies of a 40-token prompt with one image at position 5, and random image features per sample."""
+    ids = random_ids(40, seed=seed).repeat(batch, 1)
+    ids[:, 5] = IMAGE_TOKEN_ID
+    return ids.cuda(), torch.randn(batch, model.num_visual_tokens, 24, device="cuda", dtype=torch.bfloat16)
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
@@ -41,10 +48,7 @@ def test_graphed_fast_path_matches_reference(arch, compile, attention):
     """compile=True: the inductor-compiled path (fused.py: visual inputs on the side stream, one k/v GEMM over each
     layer's visual and text rows, attention in each form of fused.attend), captured in the CUDA graph."""
     model = _model(arch)
-    ids = random_ids(40, seed=1)
-    ids[5] = IMAGE_TOKEN_ID
-    ids = ids[None].cuda()
-    feats = torch.randn(1, model.num_visual_tokens, 24, device="cuda", dtype=torch.bfloat16)
+    ids, feats = _prompt(model, seed=1)
     with torch.no_grad():
         ref = model(input_ids=ids, image_features=feats).logits[:, -1:].float()
         model.optimize_for_inference(fold=True, chunk=2, overlap=True, compile=compile, attention=attention)
@@ -69,10 +73,7 @@ def test_graphed_prefill_schedules_match_reference(chunk, overlap):
     bench's SAISA_SCHEDULES among them), captured in the CUDA graph, against the reference path; switching schedule
     keeps the compiled functions."""
     model = _model("saisa")
-    ids = random_ids(40, seed=4)
-    ids[5] = IMAGE_TOKEN_ID
-    ids = ids[None].cuda()
-    feats = torch.randn(1, model.num_visual_tokens, 24, device="cuda", dtype=torch.bfloat16)
+    ids, feats = _prompt(model, seed=4)
     feats2 = torch.randn_like(feats)
     with torch.no_grad():
         ref = model(input_ids=ids, image_features=feats).logits[:, -1:].float()
@@ -118,10 +119,7 @@ def test_chunked_loss_in_bf16_matches_the_logits_path(arch):
 
     model = _model(arch).train()
     model.visual_recompute = True
-    ids = random_ids(40, seed=2).repeat(4, 1)
-    ids[:, 5] = IMAGE_TOKEN_ID
-    ids = ids.cuda()
-    feats = torch.randn(4, model.num_visual_tokens, 24, device="cuda", dtype=torch.bfloat16)
+    ids, feats = _prompt(model, seed=2, batch=4)
     results = []
     for skip in (False, True):
         old = loss_module.CHUNK_ELEMENTS
@@ -145,10 +143,7 @@ def test_fused_visual_kv_in_bf16_matches_autograd(autocast):
     model = _model("saisa").train()
     if autocast:
         model.float()
-    ids = random_ids(40, seed=3).repeat(4, 1)
-    ids[:, 5] = IMAGE_TOKEN_ID
-    ids = ids.cuda()
-    feats = torch.randn(4, model.num_visual_tokens, 24, device="cuda", dtype=torch.bfloat16)
+    ids, feats = _prompt(model, seed=3, batch=4)
     results = []
     for fused in (False, True):
         model.fused_visual_kv = fused
@@ -186,16 +181,17 @@ def test_graphed_prefill_with_the_triton_ffn_matches_aten():
     """The compiled text layers with skinny.gate_up (ffn="triton", the default where Triton is installed) compute
     the reference's function, as the aten FFN does, in the CUDA graph too."""
     model = _model("saisa")
-    ids = random_ids(40, seed=3)
-    ids[5] = IMAGE_TOKEN_ID
-    ids = ids[None].cuda()
-    feats = torch.randn(1, model.num_visual_tokens, 24, device="cuda", dtype=torch.bfloat16)
+    ids, feats = _prompt(model, seed=3)
     outs = {}
     with torch.no_grad():
         ref = model(input_ids=ids, image_features=feats).logits[:, -1:].float()
+        text_rows = torch.empty(1, ids.shape[1] - 1, model.config.text_config.hidden_size, device="cuda",
+                                dtype=torch.bfloat16)  # the image placeholder's row is dropped on this path
         for ffn in ("aten", "triton"):
             model.optimize_for_inference(compile=True, ffn=ffn)
             assert model._fused.ffn == ffn
+            w = model._fused.layers[0]
+            assert skinny.supported(text_rows, w.wg, w.wu, tiles=skinny.GATE_UP), "the kernel must serve these rows"
             outs[ffn] = GraphedForward(model, ids, image_features=feats)(feats).float().clone()
         model.optimize_for_inference(compile=True)
         assert model._fused.ffn == "triton"

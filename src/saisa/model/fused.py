@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import skinny  # noqa: F401 (registers torch.ops.saisa.gate_up)
+from . import skinny
 from .decoder import apply_rope
 
 ATTENTION = ("sdpa", "eager", "flex")  # the forms of `attend`
@@ -115,7 +115,7 @@ def text_layer_step(
     hidden = hidden + F.linear(attn.transpose(1, 2).reshape(b, t, -1), w.wo)
     x = rms_norm(hidden, w.ln2, eps)
     if ffn == "triton":
-        return hidden, F.linear(torch.ops.saisa.gate_up(x, w.wg, w.wu), w.wd)
+        return hidden, F.linear(skinny.gate_up_op(x, w.wg, w.wu), w.wd)
     return hidden, F.linear(F.silu(F.linear(x, w.wg)) * F.linear(x, w.wu), w.wd)
 
 

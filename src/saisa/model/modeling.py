@@ -178,15 +178,15 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         elementwise kernels, such as the q and k RoPEs, launched as one), else none.
         ffn: the compiled text layers' FFN first half (fused.FFN): "triton" runs SiLU(x W_g) * (x W_u) as one
         kernel (skinny.gate_up) wherever a forward has at most skinny.MAX_ROWS text rows on CUDA, "aten" never;
-        "auto": "triton" where Triton is installed.
+        "auto": "triton" for a model on CUDA where Triton is installed.
         """
         if attention not in ATTENTION:
             raise ValueError(f"unknown attention {attention!r}; choose from {ATTENTION}")
         if ffn not in ("auto", *FFN):
             raise ValueError(f"unknown ffn {ffn!r}; choose from {('auto', *FFN)}")
-        if ffn == "auto":
-            ffn = "triton" if skinny.available() else "aten"
         on_cuda = self.get_input_embeddings().weight.is_cuda
+        if ffn == "auto":
+            ffn = "triton" if on_cuda and skinny.available() else "aten"
         if compile_options is None and compile_backend == "inductor" and compile_mode is None and on_cuda:
             compile_options = {"combo_kernels": True}  # 8.54 vs 8.63 ms at t=64 (profile-prefill-h100-t64-combo.json)
         if self.config.architecture != "saisa":
