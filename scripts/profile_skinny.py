@@ -3,8 +3,9 @@
 Unusual here: every candidate runs as a CUDA graph of n calls, one per layer's own tensors (n distinct weights, so
 none is found in L2), and is timed per call; each candidate is checked against the reference before it is timed.
 Sections: "gemms", every tiling of saisa.model.skinny's kernels at the text GEMMs' shapes against cuBLAS (and the
-device-to-device copy bandwidth); "attention", q_proj + RoPE + attention, the compiled reference against the Triton
-attention kernel below in several settings; "prefetch", whether an L2 prefetch of W_q issued before the k/v GEMM
+device-to-device copy bandwidth); "attention", q_proj + RoPE + attention, the compiled reference against
+saisa.model.text_attention's kernels in several settings ("attention-ncu": a few launches of them, to run under
+Nsight Compute); "prefetch", whether an L2 prefetch of W_q issued before the k/v GEMM
 hides q_proj's weight reads. Prints tables; JSON to --out (rewritten after each part).
 
     PYTHONPATH=src python3 scripts/profile_skinny.py --out $OUT/skinny.json --sections gemms --quick
@@ -14,7 +15,6 @@ hides q_proj's weight reads. Prints tables; JSON to --out (rewritten after each 
 from __future__ import annotations
 
 import argparse
-import functools
 import itertools
 import json
 import statistics
@@ -25,168 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from saisa.model import skinny
+from saisa.model import text_attention as text_attention_module
 from saisa.model.decoder import apply_rope
-from saisa.model.fused import attend
-
-
-# ------------------------------------------------------------------- an attention kernel tried, and not adopted
-# NAAViT attention for the text queries as one Triton kernel (RoPE on queries and keys as they are loaded, an online
-# softmax over key blocks, the output in o_proj's layout), optionally with the keys split over programs and merged
-# by a second kernel. Exact (rel. err 3e-3..7e-3 against fused.attend in bf16), but at t=64 on an H100 the kernel
-# alone took 27.7 us per layer with the keys' RoPE inside, 14.4 with keys rotated before (+4.3 for that RoPE), and
-# 20.4 + 13.8 (merge) split over 10 key spans, against 20 for the compiled reference's six kernels (RoPEs, two
-# GEMMs, softmax, copy; skinny-attention-h100-t64.json), so the model keeps fused.attend.
-@functools.cache
-def _kernel():
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError:
-        return None
-
-    @triton.jit
-    def rotate(lo_ptrs, hi_ptrs, cos_ptrs, sin_ptrs, half: tl.constexpr, mask):
-        """rotate-half RoPE of one block in fp32, rounded to the input dtype as the reference's rotated tensor is."""
-        lo = tl.load(lo_ptrs, mask=mask, other=0.0)
-        hi = tl.load(hi_ptrs, mask=mask, other=0.0)
-        c_lo = tl.load(cos_ptrs, mask=mask, other=0.0).to(tl.float32)
-        c_hi = tl.load(cos_ptrs + half, mask=mask, other=0.0).to(tl.float32)
-        s_lo = tl.load(sin_ptrs, mask=mask, other=0.0).to(tl.float32)
-        s_hi = tl.load(sin_ptrs + half, mask=mask, other=0.0).to(tl.float32)
-        lo32, hi32 = lo.to(tl.float32), hi.to(tl.float32)
-        return (lo32 * c_lo - hi32 * s_lo).to(lo.dtype), (hi32 * c_hi + lo32 * s_hi).to(lo.dtype)
-
-    @triton.jit
-    def attention_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, bias_ptr, o_ptr, part_ptr, T, S, span, scale,
-                         stride_qb, stride_qt, stride_kb, stride_ks, stride_vb, stride_vs, stride_cb, stride_cs,
-                         stride_bb, stride_bt, stride_bs, stride_ob, stride_ot,
-                         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, ROTATE_KEYS: tl.constexpr, SPLIT: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        half: tl.constexpr = HEAD_DIM // 2
-        head = tl.program_id(0)  # query head; its K/V head is head // GROUP (GQA)
-        batch = tl.program_id(1)
-        part = tl.program_id(2) % SPLIT  # which `span` of the keys (SPLIT > 1: partial results, see combine)
-        offs_m = (tl.program_id(2) // SPLIT) * BLOCK_M + tl.arange(0, BLOCK_M)
-        d = tl.arange(0, half)[None, :]
-        rows = offs_m[:, None] < T
-        q_at = q_ptr + batch * stride_qb + offs_m[:, None] * stride_qt + head * HEAD_DIM + d
-        rope_q = batch * stride_cb + (S - T + offs_m[:, None]) * stride_cs + d  # queries are the last T rows
-        q_lo, q_hi = rotate(q_at, q_at + half, cos_ptr + rope_q, sin_ptr + rope_q, half, rows)
-        k_col = (head // GROUP) * HEAD_DIM
-        m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-        l_i = tl.zeros((BLOCK_M,), tl.float32)
-        acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
-        end = tl.minimum(S, (part + 1) * span)
-        for start in range(part * span, end, BLOCK_N):
-            offs_n = start + tl.arange(0, BLOCK_N)
-            keys = offs_n[:, None] < end
-            k_at = k_ptr + batch * stride_kb + offs_n[:, None] * stride_ks + k_col + d
-            if ROTATE_KEYS:
-                rope_k = batch * stride_cb + offs_n[:, None] * stride_cs + d
-                k_lo, k_hi = rotate(k_at, k_at + half, cos_ptr + rope_k, sin_ptr + rope_k, half, keys)
-            else:
-                k_lo = tl.load(k_at, mask=keys, other=0.0)
-                k_hi = tl.load(k_at + half, mask=keys, other=0.0)
-            scores = tl.dot(q_lo, tl.trans(k_lo)) + tl.dot(q_hi, tl.trans(k_hi))  # (BLOCK_M, BLOCK_N) fp32
-            bias = tl.load(bias_ptr + batch * stride_bb + offs_m[:, None] * stride_bt + offs_n[None, :] * stride_bs,
-                           mask=rows & (offs_n[None, :] < end), other=float("-inf")).to(tl.float32)
-            scores = scores * scale + bias
-            m_new = tl.maximum(m_i, tl.max(scores, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row masked so far: keep exp() finite
-            p = tl.exp(scores - m_use[:, None])
-            alpha = tl.exp(m_i - m_use)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_ptr + batch * stride_vb + offs_n[:, None] * stride_vs + k_col
-                        + tl.arange(0, HEAD_DIM)[None, :], mask=keys, other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
-        if SPLIT == 1:
-            out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-            o = (o_ptr + batch * stride_ob + offs_m[:, None] * stride_ot + head * HEAD_DIM
-                 + tl.arange(0, HEAD_DIM)[None, :])
-            tl.store(o, out.to(o_ptr.dtype.element_ty), mask=rows)
-        else:  # part_ptr: (B, Hq, SPLIT, T, D + 2) fp32: the unnormalised output, then the running max and sum
-            base = part_ptr + ((batch * tl.num_programs(0) + head) * SPLIT + part) * T * (HEAD_DIM + 2)
-            row = base + offs_m[:, None] * (HEAD_DIM + 2)
-            tl.store(row + tl.arange(0, HEAD_DIM)[None, :], acc, mask=rows)
-            tl.store(base + offs_m * (HEAD_DIM + 2) + HEAD_DIM, m_i, mask=offs_m < T)
-            tl.store(base + offs_m * (HEAD_DIM + 2) + HEAD_DIM + 1, l_i, mask=offs_m < T)
-
-    @triton.jit
-    def combine_kernel(part_ptr, o_ptr, T, stride_ob, stride_ot,
-                       HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr):
-        """The SPLIT partial softmaxes of one (head, batch, query block) merged by their log-sum-exp."""
-        head = tl.program_id(0)
-        batch = tl.program_id(1)
-        offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
-        rows = offs_m < T
-        base = part_ptr + (batch * tl.num_programs(0) + head) * SPLIT * T * (HEAD_DIM + 2)
-        m_all = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-        for sp in range(SPLIT):
-            m_all = tl.maximum(m_all, tl.load(base + (sp * T + offs_m) * (HEAD_DIM + 2) + HEAD_DIM, mask=rows,
-                                              other=float("-inf")))
-        m_use = tl.where(m_all == float("-inf"), 0.0, m_all)
-        l_all = tl.zeros((BLOCK_M,), tl.float32)
-        acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
-        for sp in range(SPLIT):
-            row = base + (sp * T + offs_m) * (HEAD_DIM + 2)
-            w = tl.exp(tl.load(row + HEAD_DIM, mask=rows, other=float("-inf")) - m_use)
-            l_all += w * tl.load(row + HEAD_DIM + 1, mask=rows, other=0.0)
-            acc += w[:, None] * tl.load(row[:, None] + tl.arange(0, HEAD_DIM)[None, :], mask=rows[:, None], other=0.0)
-        out = acc / tl.where(l_all == 0.0, 1.0, l_all)[:, None]
-        o = o_ptr + batch * stride_ob + offs_m[:, None] * stride_ot + head * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
-        tl.store(o, out.to(o_ptr.dtype.element_ty), mask=rows[:, None])
-
-    return triton, attention_kernel, combine_kernel
-
-
-def text_attention(
-    q: torch.Tensor,  # (B, T, Hq * D): queries, not rotated
-    k: torch.Tensor,  # (B, S, >= Hkv * D): keys of every key row (heads first in the last dim)
-    v: torch.Tensor,  # (B, S, >= Hkv * D): values, likewise (both may be column slices of the k/v GEMM's output)
-    cos: torch.Tensor,  # (B, S, D): the keys' positions; the queries are the last T key rows
-    sin: torch.Tensor,
-    bias: torch.Tensor,  # (B, 1, T, S): 0 where a query may attend to a key, -inf elsewhere
-    scale: float,
-    head_dim: int,
-    kv_heads: int,
-    rotate_keys: bool = True,
-    block_m: int = 64,
-    block_n: int = 64,
-    stages: int = 2,
-    split: int = 1,
-    warps: int = 4,
-) -> torch.Tensor:
-    """softmax(rope(q) rope(k)^T * scale + bias) v for every query head -> (B, T, Hq * D), as `fused.attend` of the
-    rotated tensors; rotate_keys=False: `k` is already rotated. split > 1: the keys in that many spans, each in
-    its own programs (a few heads and queries leave most SMs idle otherwise), merged by a second kernel."""
-    triton, kernel, combine = _kernel()
-    b, t, qd = q.shape
-    s = k.shape[1]
-    hq = qd // head_dim
-    if (q.stride(-1), k.stride(-1), v.stride(-1), cos.stride(-1)) != (1, 1, 1, 1) or sin.stride() != cos.stride():
-        raise ValueError("text_attention needs contiguous last dims and cos/sin of one layout")
-    if hq % kv_heads or cos.shape[1] != s or bias.shape[-2:] != (t, s):
-        raise ValueError(f"text_attention: {hq} query heads over {kv_heads} K/V heads, {s} keys, cos {cos.shape}, "
-                         f"bias {bias.shape}")
-    out = q.new_empty(b, t, qd)
-    block_m = min(block_m, max(16, triton.next_power_of_2(t)))
-    span = triton.cdiv(triton.cdiv(s, split), block_n) * block_n  # keys per split, whole blocks
-    split = triton.cdiv(s, span)
-    part = q.new_empty((b, hq, split, t, head_dim + 2), dtype=torch.float32) if split > 1 else out
-    blocks = triton.cdiv(t, block_m)
-    kernel[(hq, b, blocks * split)](
-        q, k, v, cos, sin, bias, out, part, t, s, span, scale,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0), cos.stride(1),
-        bias.stride(0), bias.stride(2), bias.stride(3), out.stride(0), out.stride(1),
-        GROUP=hq // kv_heads, HEAD_DIM=head_dim, ROTATE_KEYS=rotate_keys, SPLIT=split, BLOCK_M=block_m,
-        BLOCK_N=block_n, num_warps=warps, num_stages=stages,
-    )
-    if split > 1:
-        combine[(hq, b, blocks)](part, out, t, out.stride(0), out.stride(1), HEAD_DIM=head_dim, SPLIT=split,
-                                 BLOCK_M=block_m, num_warps=4)
-    return out
-
+from saisa.model.fused import attend, key_value
+from saisa.model.text_attention import text_attention
 
 SHAPES = {  # name -> (N, K, weights per call); Vicuna-7B: h 4096, FFN 11008
     "q_proj / o_proj": (4096, 4096, 1),
@@ -271,32 +113,22 @@ def rope_tables(b: int, s: int, d: int, dev) -> tuple[torch.Tensor, torch.Tensor
 
 
 def attention_section(layers: int, dev) -> dict:
-    """q_proj + RoPE + attention over [visual; text] keys: the compiled reference (what fused.text_layer_step runs)
-    against q_proj + text_attention in several settings; correctness at several layouts, then timing at the paper's
-    shapes (all n layers' tensors in turn)."""
+    """q_proj + RoPE + attention over [visual; text] keys: the compiled reference (what fused.text_layer_step runs
+    with attention="eager") against q_proj + saisa.model.text_attention in several settings; correctness at several
+    layouts, then timing at the paper's shapes (all n layers' tensors in turn), the kernels' registers and spills,
+    and each kernel's device time."""
     def reference(unit, ln1, wq, kv, cos, sin, bias, hq, hkv, d):
         b, t, _ = unit.shape
         q = F.linear(ln1 * unit, wq).view(b, t, hq, d)
         q = apply_rope(q, cos[:, -t:].unsqueeze(2), sin[:, -t:].unsqueeze(2)).transpose(1, 2)
-        kv4 = kv.unflatten(-1, (2, hkv, d))
-        k = apply_rope(kv4[..., 0, :, :], cos.unsqueeze(2), sin.unsqueeze(2)).transpose(1, 2)
-        v = kv4[..., 1, :, :].transpose(1, 2)
-        return attend(q, k, v, bias, d**-0.5, "eager").transpose(1, 2).reshape(b, t, -1)
+        k, v = key_value(kv, cos, sin, d)
+        return attend(q, k.transpose(1, 2), v.transpose(1, 2), bias, d**-0.5, "eager").transpose(1, 2).reshape(b, t, -1)
 
-    def rotated_keys(kv, cos, sin, hkv, d):
-        k = apply_rope(kv.unflatten(-1, (2, hkv, d))[..., 0, :, :], cos.unsqueeze(2), sin.unsqueeze(2))
-        return k.flatten(2)
-
-    compiled_keys = torch.compile(rotated_keys, dynamic=False)
     q_proj = torch.compile(lambda unit, ln1, wq: F.linear(ln1 * unit, wq), dynamic=False)
 
     def ours(setting):
         def run(unit, ln1, wq, kv, cos, sin, bias, hq, hkv, d):
-            q = q_proj(unit, ln1, wq)
-            kw = dict(setting)
-            k = kv if kw.pop("rotate_keys") else compiled_keys(kv, cos, sin, hkv, d)
-            return text_attention(q, k, kv[..., hkv * d:], cos, sin, bias, d**-0.5, d, hkv,
-                                  rotate_keys=k is kv, **kw)
+            return text_attention(q_proj(unit, ln1, wq), kv, cos, sin, bias, d, **setting)
         return run
 
     def inputs(b, t, sv, hq, hkv, d, text_first=False):
@@ -317,24 +149,28 @@ def attention_section(layers: int, dev) -> dict:
         return unit, ln1, wq, kv, cos, sin, bias, hq, hkv, d
 
     settings = {
-        "rope in kernel": {"rotate_keys": True},
-        "rope in kernel, 3 stages": {"rotate_keys": True, "stages": 3},
-        "rope in kernel, 8 warps": {"rotate_keys": True, "warps": 8},
-        "rope in kernel, split 5": {"rotate_keys": True, "split": 5},
-        "rope in kernel, split 10": {"rotate_keys": True, "split": 10},
-        "rope in kernel, split 5, block_m 32": {"rotate_keys": True, "split": 5, "block_m": 32},
-        "rope in kernel, split 10, 8 warps": {"rotate_keys": True, "split": 10, "warps": 8},
-        "keys rotated before, 3 stages": {"rotate_keys": False, "stages": 3},
-        "keys rotated before, split 5": {"rotate_keys": False, "split": 5},
-        "keys rotated before, split 10": {"rotate_keys": False, "split": 10},
+        "default": {},
+        "half table": {"half_table": True},
+        "split 1": {"split": 1},
+        "split 2": {"split": 2},
+        "split 3, half table": {"split": 3, "half_table": True},
+        "split 10, half table": {"split": 10, "half_table": True},
+        "half table, 3 stages": {"half_table": True, "stages": 3},
+        "half table, 1 stage": {"half_table": True, "stages": 1},
+        "half table, 8 warps": {"half_table": True, "warps": 8},
+        "half table, block_n 32": {"half_table": True, "block_n": 32},
+        "half table, block_n 32, split 10": {"half_table": True, "block_n": 32, "split": 10},
+        "half table, block_n 128": {"half_table": True, "block_n": 128, "warps": 8},
+        "half table, pdl": {"half_table": True, "pdl": True},
+        "half table, split 3, pdl": {"half_table": True, "split": 3, "pdl": True},
     }
     out = {"checks": [], "us_per_layer": {}}
     for b, t, sv, hq, hkv, d, first in ((1, 64, 576, 32, 32, 128, False), (2, 37, 100, 8, 2, 64, True),
                                         (1, 128, 576, 32, 32, 128, True), (3, 16, 40, 4, 4, 128, False)):
         args = inputs(b, t, sv, hq, hkv, d, first)
         ref = reference(*args).float()
-        for name in ("rope in kernel", "keys rotated before, 3 stages", "rope in kernel, split 5",
-                     "keys rotated before, split 10"):
+        for name in ("default", "half table", "split 1", "split 10, half table", "half table, block_n 32",
+                     "half table, pdl"):
             got = ours(settings[name])(*args).float()
             err = float((got - ref).norm() / ref.norm())
             out["checks"].append({"setting": name, "b": b, "t": t, "sv": sv, "hq": hq, "hkv": hkv, "d": d,
@@ -353,14 +189,45 @@ def attention_section(layers: int, dev) -> dict:
             times[name] = f"{type(e).__name__}: {str(e)[:120]}"
     for name, us in times.items():
         print(f"  {name}: {us} us per layer")
+    out["compiled_kernels"] = compiled_kernel_stats()
+    print("  registers/spills:", out["compiled_kernels"])
     # Where the time goes: each kernel's device time (eager launches, so launch gaps are not in these figures).
     out["kernels_us_per_layer"] = {"compiled reference": kernel_us([lambda a=a: compiled(*a) for a in sets])}
-    for name in ("rope in kernel", "rope in kernel, split 10", "keys rotated before, 3 stages"):
+    for name in ("default", "half table", "split 1", "half table, block_n 32, split 10"):
         fn = ours(settings[name])
         out["kernels_us_per_layer"][name] = kernel_us([lambda a=a, f=fn: f(*a) for a in sets])
     for name, kernels in out["kernels_us_per_layer"].items():
         print(f"  kernels, {name}: {kernels}")
     return out
+
+
+def compiled_kernel_stats() -> list[dict]:
+    """Registers per thread, spills and shared memory of every compiled text_attention kernel (Triton's caches)."""
+    _, span_kernel, merge_kernel = text_attention_module._triton()
+    stats = []
+    for fn in (span_kernel, merge_kernel):
+        for caches in getattr(fn, "device_caches", {}).values():
+            for k in caches[0].values():
+                try:
+                    k._init_handles()
+                    stats.append({"name": k.name, "regs": k.n_regs, "spills": k.n_spills, "shared": k.metadata.shared,
+                                  "warps": k.metadata.num_warps, "stages": k.metadata.num_stages,
+                                  "constants": str(getattr(k, "src", None) and k.src.constants)[:200]})
+                except Exception as e:  # noqa: BLE001 (Triton internals differ by version: record it)
+                    stats.append({"error": f"{type(e).__name__}: {str(e)[:120]}"})
+    return stats
+
+
+def attention_ncu(dev) -> None:
+    """A few launches of text_attention at the paper's shapes, to run under Nsight Compute."""
+    hq, d, sv, t = 32, 128, 576, 64
+    q = torch.randn(1, t, hq * d, device=dev, dtype=torch.bfloat16)
+    kv = torch.randn(1, sv + t, 2 * hq * d, device=dev, dtype=torch.bfloat16)
+    cos, sin = rope_tables(1, sv + t, d, dev)
+    bias = torch.zeros(1, 1, t, sv + t, device=dev, dtype=torch.bfloat16)
+    for _ in range(3):
+        text_attention(q, kv, cos, sin, bias, d, half_table=True)
+    torch.cuda.synchronize()
 
 
 def prefetch_section(layers: int, dev) -> dict:
@@ -415,6 +282,9 @@ def main() -> None:
                "layers": args.layers, "copy_tb_per_s": round(copy_tbps(), 3), "shapes": {}}
     print(f"copy {results['copy_tb_per_s']} TB/s")
     sections = args.sections.split(",")
+    if "attention-ncu" in sections:
+        attention_ncu(dev)
+        return
     if "attention" in sections:
         results["attention"] = attention_section(args.layers, dev)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -272,7 +272,7 @@ def test_cli_names_match_the_suite():
     assert cli.SECTIONS == suite.SECTIONS
     assert cli.SYSTEMS == suite.INFERENCE_SYSTEMS
     assert set(cli.PRESETS) == set(setting.PRESETS)
-    assert set(cli.ATTENTION) == set(fused.ATTENTION)
+    assert set(cli.ATTENTION) == {"auto", *fused.ATTENTION}
     assert cli.SCHEDULES == (systems.AUTO, *systems.SAISA_SCHEDULES)
 
 

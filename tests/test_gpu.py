@@ -8,7 +8,9 @@ from conftest import IMAGE_TOKEN_ID, random_ids, tiny_config, tiny_text_config
 from torch.testing import assert_close
 
 from saisa import SaisaForConditionalGeneration
-from saisa.model import skinny
+from saisa.model import skinny, text_attention
+from saisa.model.decoder import apply_rope
+from saisa.model.fused import attend, key_value
 from saisa.model.graphs import GraphedForward
 
 pytestmark = pytest.mark.gpu
@@ -42,7 +44,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("arch,compile,attention", [
     ("saisa", False, "eager"), ("saisa", True, "eager"), ("saisa", True, "sdpa"), ("saisa", True, "flex"),
-    ("naavit", False, "eager"), ("llava", False, "eager"),
+    ("saisa", True, "triton"), ("naavit", False, "eager"), ("llava", False, "eager"),
 ])
 def test_graphed_fast_path_matches_reference(arch, compile, attention):
     """compile=True: the inductor-compiled path (fused.py: visual inputs on the side stream, one k/v GEMM over each
@@ -53,6 +55,11 @@ def test_graphed_fast_path_matches_reference(arch, compile, attention):
         ref = model(input_ids=ids, image_features=feats).logits[:, -1:].float()
         model.optimize_for_inference(fold=True, chunk=2, overlap=True, compile=compile, attention=attention)
         assert (model._fused is not None) == compile
+        if compile:
+            assert model._fused.attention == attention and model._fused.rope_half
+            w = model._fused.layers[0]
+            text_rows = torch.empty(1, ids.shape[1] - 1, 256, device="cuda", dtype=torch.bfloat16)
+            assert attention != "triton" or text_attention.supported(text_rows, w.wkv, 32), "the kernels must serve"
         eager_fast = model(input_ids=ids, image_features=feats).logits[:, -1:].float()
         graphed = GraphedForward(model, ids, image_features=feats)
         out = graphed(feats).float()
@@ -197,3 +204,41 @@ def test_graphed_prefill_with_the_triton_ffn_matches_aten():
         assert model._fused.ffn == "triton"
     assert _rel(outs["triton"], ref) < 2e-2
     assert _rel(outs["triton"], outs["aten"]) < 2e-2
+
+
+@pytest.mark.parametrize("b,t,sv,hq,hkv,d,text_first", [
+    (1, 64, 576, 32, 32, 128, False),  # the paper's shapes at t=64
+    (2, 37, 100, 8, 2, 64, True),  # GQA, padding, text before the image, a partial query block
+    (1, 128, 576, 8, 8, 128, True),  # two query blocks
+    (3, 5, 40, 4, 4, 32, False),  # fewer keys than a key block per span
+])
+def test_text_attention_matches_the_reference(b, t, sv, hq, hkv, d, text_first):
+    """text_attention's kernels (RoPE as loaded, online softmax per key span, log-sum-exp merge) against RoPE and
+    attention in fp32 (fused.key_value, apply_rope, attend), for each way of splitting the keys and both tables."""
+    torch.manual_seed(b * t + sv)
+    q = torch.randn(b, t, hq * d, device="cuda", dtype=torch.bfloat16)
+    kv = torch.randn(b, sv + t, 2 * hkv * d, device="cuda", dtype=torch.bfloat16)
+    inv = 10000.0 ** (-torch.arange(0, d, 2, device="cuda").float() / d)
+    ang = torch.arange(sv + t, device="cuda").float()[:, None] * inv
+    cos, sin = (f(torch.cat([ang, ang], -1)).expand(b, -1, -1).to(torch.bfloat16).contiguous() for f in (torch.cos,
+                                                                                                         torch.sin))
+    allowed = torch.ones(b, 1, t, sv + t, dtype=torch.bool, device="cuda")
+    allowed[..., sv:] = torch.tril(allowed[0, 0, :, sv:])
+    if text_first:  # the first 3 text tokens come before the image: they see no visual key
+        allowed[..., :3, :sv] = False
+    if b > 1:  # the second sample left-padded: its first 2 text rows are padding, which sees only itself
+        allowed[1, ..., sv:sv + 2] = False
+        allowed[1, ..., :2, sv:sv + 2] = torch.eye(2, dtype=torch.bool, device="cuda")
+    bias = torch.zeros(allowed.shape, dtype=torch.bfloat16, device="cuda").masked_fill(~allowed, float("-inf"))
+    k, v = key_value(kv.float(), cos.float(), sin.float(), d)
+    rq = apply_rope(q.float().view(b, t, hq, d), cos[:, -t:, None].float(), sin[:, -t:, None].float())
+    ref = attend(rq.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), bias.float(), d**-0.5, "sdpa")
+    ref = ref.transpose(1, 2).reshape(b, t, -1)
+    assert text_attention.supported(q, kv, d) and text_attention.halves_equal(cos, sin)
+    for setting in ({}, {"split": 1}, {"split": 3, "half_table": True}, {"split": 100}, {"block_n": 32},
+                    {"pdl": text_attention.pdl_supported(q.device)}):
+        out = text_attention.text_attention(q, kv, cos, sin, bias, d, **setting)
+        assert out.shape == q.shape and out.dtype == q.dtype
+        assert torch.isfinite(out).all(), setting
+        assert _rel(out, ref) < 1e-2, setting
+    assert _rel(torch.ops.saisa.text_attention(q, kv, cos, sin, bias, d, True), ref) < 1e-2

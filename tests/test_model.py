@@ -375,6 +375,7 @@ def test_shared_projector_chunks_match():
     *[(backbone, sharing, "eager") for backbone in ("llama", "qwen2", "qwen3") for sharing in ("per_layer", "shared")],
     ("llama", "per_layer", "sdpa"),
     ("llama", "per_layer", "flex"),
+    ("llama", "per_layer", "triton"),  # on the CPU: no kernels, the eager form serves
 ])
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_compiled_fused_path_computes_the_same_function(backbone, sharing, attention):
@@ -387,6 +388,11 @@ def test_compiled_fused_path_computes_the_same_function(backbone, sharing, atten
         ref = model(input_ids=ids, pixel_values=pixels).logits
         with pytest.raises(ValueError, match="unknown ffn"):
             model.optimize_for_inference(compile=True, compile_backend="eager", ffn="cutlass")
+        with pytest.raises(ValueError, match="unknown attention"):
+            model.optimize_for_inference(compile=True, compile_backend="eager", attention="flash")
+        model.optimize_for_inference(compile=True, compile_backend="eager")
+        assert model._fused is None or model._fused.attention == "eager", "auto on the CPU: the eager form"
+        assert model._fused is None or model._fused.rope_half, "transformers' RoPE tables repeat their first half"
         model.optimize_for_inference(chunk=2, compile=True, compile_backend="eager", attention=attention)
         assert (model._fused is None) == (backbone == "qwen3"), "Qwen3 (k norms) keeps the reference path"
         assert model._fused is None or model._fused.ffn == "aten", "a model on the CPU: the FFN's GEMMs stay aten's"
@@ -503,6 +509,21 @@ def test_attention_forms_agree(kind, heads, kv_heads, dtype):
     assert_close(out.float(), ref, atol=tol, rtol=tol)
     with pytest.raises(ValueError, match="unknown attention"):
         attend(q, k, v, bias, d**-0.5, "flash")
+
+
+def test_text_attention_rejects_what_it_cannot_run():
+    from saisa.model import text_attention
+
+    q, kv = torch.randn(1, 4, 64), torch.randn(1, 10, 128)
+    cos = torch.ones(1, 10, 32)
+    bias = torch.zeros(1, 1, 4, 10)
+    assert not text_attention.supported(q, kv, 32), "no kernels on the CPU"
+    with pytest.raises(ValueError, match="check supported"):
+        text_attention.text_attention(q, kv, cos, cos, bias, 32)
+    with pytest.raises(ValueError, match="do not fit head_dim 32"):
+        text_attention.text_attention(q, kv, cos, cos, bias[..., :9], 32)
+    assert text_attention.halves_equal(torch.cat([cos, cos], -1), torch.zeros(1, 10, 64))
+    assert not text_attention.halves_equal(torch.arange(4.0), torch.zeros(4))
 
 
 def test_text_step_needs_room_for_the_text_rows():

@@ -18,7 +18,7 @@ DEFAULT_RESULTS = Path("benchmarks/results")
 SECTIONS = ("prefill", "ttft", "throughput", "decode", "train")
 SYSTEMS = ("saisa", "naavit", "llava", "hf_llava", "saisa_opt", "hf_llava_graphs", "saisa_graphs", "llava_graphs")
 PRESETS = ("paper", "tiny")
-ATTENTION = ("eager", "sdpa", "flex")  # saisa.model.fused.ATTENTION
+ATTENTION = ("auto", "eager", "sdpa", "flex", "triton")  # "auto" and saisa.model.fused.ATTENTION
 SCHEDULES = ("auto", "serial", "overlap", "head4", "head8")  # "auto" and saisa.bench.systems.SAISA_SCHEDULES
 
 
@@ -36,8 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated inference systems (default: {','.join(SYSTEMS)})")
     parser.add_argument("--compile", action="store_true",
                         help="also time HF LLaVA under torch.compile(mode='reduce-overhead') (prefill, first t only)")
-    parser.add_argument("--saisa-attention", choices=ATTENTION, default="eager",
-                        help="attention of the compiled saisa text layers (saisa.model.fused.attend; default: eager)")
+    parser.add_argument("--saisa-attention", choices=ATTENTION, default="auto",
+                        help="attention of the compiled saisa text layers (optimize_for_inference(attention=...); "
+                             "default auto: text_attention's Triton kernels on CUDA)")
     parser.add_argument("--saisa-schedule", choices=SCHEDULES, default="auto",
                         help="prefill schedule of saisa_graphs (saisa.bench.systems.SAISA_SCHEDULES); auto (default): "
                              "time each per shape and keep the fastest")

@@ -315,7 +315,7 @@ def run_suite(
     setting: Setting, *, device: str | torch.device | None = None, sections: tuple[str, ...] = SECTIONS,
     systems: tuple[str, ...] = INFERENCE_SYSTEMS, quick: bool = False, compile_hf: bool = False,
     budget_s: float | None = None, repeats: Repeats | None = None, log: Callable[[str], None] = print,
-    saisa_attention: str = "eager", saisa_schedule: str = "auto",
+    saisa_attention: str = "auto", saisa_schedule: str = "auto",
 ) -> dict[str, Any]:
     """Run the sections; return the results dict (schema in saisa.bench.report). saisa_attention: the attention
     of the compiled saisa fast path (`optimize_for_inference(attention=...)`); saisa_schedule: its prefill schedule

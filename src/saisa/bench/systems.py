@@ -538,7 +538,7 @@ def _allocated(device: torch.device) -> int:
 
 
 def make_systems(setting: Setting, device: torch.device, wanted: tuple[str, ...], compile_hf: bool,
-                 saisa_attention: str = "eager", saisa_schedule: str = AUTO):
+                 saisa_attention: str = "auto", saisa_schedule: str = AUTO):
     """HF LLaVA, our architectures over its weights, and the systems that run them: (systems, skipped, hf, ours).
 
     `*_opt` and `*_graphs` run a second model object over the same weights after `optimize_for_inference()`, so
@@ -591,7 +591,8 @@ def make_systems(setting: Setting, device: torch.device, wanted: tuple[str, ...]
                             else saisa_schedule)
                 add(OursGraphed(name, model, arch, saisa_schedule if saisa else None, base), extra,
                     "saisa.model.graphs.GraphedForward after optimize_for_inference(); keeps no KV cache"
-                    + (f"; attention={saisa_attention} (fused.attend); prefill schedule: {schedule} "
+                    + (f"; attention={model._fused.attention if model._fused else saisa_attention} "
+                       f"(fused.ATTENTION); prefill schedule: {schedule} "
                        "(SAISA_SCHEDULES; each entry records its own)" if saisa else ""))
     keep = {n: sys for n, sys in systems.items() if n in wanted or n == "hf_llava_compile"}
     return keep, {n: why for n, why in skipped.items() if n in wanted}, hf, ours

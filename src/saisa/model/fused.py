@@ -19,10 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import skinny
+from . import skinny, text_attention
 from .decoder import apply_rope
 
-ATTENTION = ("sdpa", "eager", "flex")  # the forms of `attend`
+ATTEND = ("sdpa", "eager", "flex")  # the forms of `attend`
+ATTENTION = (*ATTEND, "triton")  # text_layer_step's: attend's, or text_attention's kernels
 FFN = ("aten", "triton")  # the forms of the FFN's first half: two GEMMs and SiLU * up, or skinny.gate_up's kernel
 
 
@@ -87,6 +88,7 @@ def text_layer_step(
     head_dim: int,
     attention: str = "sdpa",
     ffn: str = "aten",
+    rope_half: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One NAAViT layer for text queries: attention over [visual; text] keys, then the FFN. Returns the layer's
     output as two (B, T, h) terms, (hidden, delta), whose sum is its hidden state: the residual add is left to the
@@ -98,7 +100,9 @@ def text_layer_step(
     text GEMMs are memory-bound at batch 1). Writing in place, not concatenating, saves copying the visual rows
     per layer. Keys and values stay in (B, S, H, D) layout, so attention reads transposed views. `attn_bias` is
     the float form SDPA turns a boolean mask into, made once per forward instead of once per layer. `attention`
-    names the form of `attend`; `ffn` the FFN's first half (FFN; "triton" only where `skinny.supported`).
+    names the form of `attend`, or "triton": text_attention's kernels (only where `text_attention.supported`; they
+    rotate q and k as they read them; rope_half: cos/sin repeat their first half); `ffn` the FFN's first half (FFN;
+    "triton" only where `skinny.supported`).
     """
     b, t, _ = hidden.shape
     if inputs.shape[1] != attn_bias.shape[-1]:
@@ -107,12 +111,16 @@ def text_layer_step(
     hidden = hidden + delta
     unit = rms_norm(hidden, None, eps)
     inputs[:, -t:] = unit
-    k, v = key_value(F.linear(inputs, w.wkv, w.bkv), cos, sin, head_dim)  # (B, Sv + T, Hkv, D)
-    q = F.linear(w.ln1 * unit, w.wq, w.bq).view(b, t, -1, head_dim)  # w.ln1 * unit == rms_norm(hidden, w.ln1)
-    q = apply_rope(q, cos[:, -t:].unsqueeze(2), sin[:, -t:].unsqueeze(2))
-    k, v, q = k.transpose(1, 2), v.transpose(1, 2), q.transpose(1, 2)  # (B, H, S, D) views
-    attn = attend(q, k, v, attn_bias, head_dim**-0.5, attention)  # (B, Hq, T, D)
-    hidden = hidden + F.linear(attn.transpose(1, 2).reshape(b, t, -1), w.wo)
+    kv = F.linear(inputs, w.wkv, w.bkv)  # (B, Sv + T, 2k): keys, then values
+    q = F.linear(w.ln1 * unit, w.wq, w.bq)  # w.ln1 * unit == rms_norm(hidden, w.ln1)
+    if attention == "triton":
+        attn = text_attention.text_attention_op(q, kv, cos, sin, attn_bias, head_dim, rope_half)  # (B, T, Hq * D)
+    else:
+        k, v = key_value(kv, cos, sin, head_dim)  # (B, Sv + T, Hkv, D)
+        q = apply_rope(q.view(b, t, -1, head_dim), cos[:, -t:].unsqueeze(2), sin[:, -t:].unsqueeze(2))
+        k, v, q = k.transpose(1, 2), v.transpose(1, 2), q.transpose(1, 2)  # (B, H, S, D) views
+        attn = attend(q, k, v, attn_bias, head_dim**-0.5, attention).transpose(1, 2).reshape(b, t, -1)
+    hidden = hidden + F.linear(attn, w.wo)
     x = rms_norm(hidden, w.ln2, eps)
     if ffn == "triton":
         return hidden, F.linear(skinny.gate_up_op(x, w.wg, w.wu), w.wd)
@@ -153,7 +161,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
         # V contiguous: inductor's CPU flex kernel (torch 2.13) read a strided V view (text_layer_step's) wrongly
         # when K was not a view of the same tensor; the copy is one pointwise kernel.
         return flex_attention(q, k, v.contiguous(), score_mod=add_bias, scale=scale, enable_gqa=hq > hkv)
-    raise ValueError(f"unknown attention {kind!r}; choose from {ATTENTION}")
+    raise ValueError(f"unknown attention {kind!r}; choose from {ATTEND}")
 
 
 def visual_inputs_chunk(

@@ -25,7 +25,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from saisa.config import SaisaConfig
 
-from . import skinny
+from . import skinny, text_attention
 from .cache import SaisaCache
 from .decoder import attention_block, check_decoder, feed_forward, query_key_value
 from .fused import (
@@ -64,7 +64,8 @@ class FusedPath:
     text: Callable
     visual: Callable
     layers: list[TextLayer]
-    attention: str = "eager"  # the form of fused.attend
+    attention: str = "eager"  # the form of attention (fused.ATTENTION), where the tensors allow it
+    rope_half: bool = False  # the RoPE tables repeat their first half (text_attention reads that half only)
     ffn: str = "aten"  # the FFN's first half (fused.FFN), where the rows allow it
     chunks: Chunks = None  # layers per visual chunk (visual_kv.chunk_slices)
 
@@ -153,7 +154,7 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         compile: bool = False,
         compile_backend: str = "inductor",
         dynamic: bool | None = False,
-        attention: str = "eager",
+        attention: str = "auto",
         compile_mode: str | None = None,
         ffn: str = "auto",
         compile_options: dict | None = None,
@@ -170,8 +171,11 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         them with its text rows in one GEMM with the folded k/v weights (so `compile` implies `fold`); prefill
         without a cache only. dynamic: passed to torch.compile (False: one compile per shape, whose kernels index
         without 64-bit divisions; with dynamic shapes the visual RoPE kernel ran 10x under bandwidth on an H100).
-        attention: the compiled text layers' form of attention (fused.attend: "eager", "sdpa" or "flex"; at batch 1
-        SDPA took 20 us per layer and the eager form 13 on an H100, profile-prefill-h100-t64.json's pieces).
+        attention: the compiled text layers' form of attention (fused.ATTENTION): "triton", text_attention's
+        kernels (RoPE, scores, softmax and values over spans of the keys, then a merge), wherever the tensors allow
+        it on CUDA, else "eager"; or a form of fused.attend ("eager", "sdpa", "flex"; at batch 1 SDPA took 20 us per
+        layer and the eager form 13 on an H100, profile-prefill-h100-t64.json's pieces). "auto": "triton" for a
+        model on CUDA where Triton is installed, else "eager".
         compile_mode: passed to torch.compile with the inductor backend (e.g. "max-autotune-no-cudagraphs": Triton
         GEMMs tuned against cuBLAS; minutes of compile). compile_options: inductor options for torch.compile,
         not with compile_mode; None: on CUDA with inductor {"combo_kernels": True} (a layer's independent
@@ -180,13 +184,15 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         kernel (skinny.gate_up) wherever a forward has at most skinny.MAX_ROWS text rows on CUDA, "aten" never;
         "auto": "triton" for a model on CUDA where Triton is installed.
         """
-        if attention not in ATTENTION:
-            raise ValueError(f"unknown attention {attention!r}; choose from {ATTENTION}")
+        if attention not in ("auto", *ATTENTION):
+            raise ValueError(f"unknown attention {attention!r}; choose from {('auto', *ATTENTION)}")
         if ffn not in ("auto", *FFN):
             raise ValueError(f"unknown ffn {ffn!r}; choose from {('auto', *FFN)}")
         on_cuda = self.get_input_embeddings().weight.is_cuda
         if ffn == "auto":
             ffn = "triton" if on_cuda and skinny.available() else "aten"
+        if attention == "auto":
+            attention = "triton" if on_cuda and text_attention.available() else "eager"
         if compile_options is None and compile_backend == "inductor" and compile_mode is None and on_cuda:
             compile_options = {"combo_kernels": True}  # 8.54 vs 8.63 ms at t=64 (profile-prefill-h100-t64-combo.json)
         if self.config.architecture != "saisa":
@@ -217,8 +223,16 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
                 ],
                 attention=attention,
                 ffn=ffn,
+                rope_half=self._rope_halves_equal(),
             )
         self.set_prefill_schedule(chunk, overlap)
+
+    def _rope_halves_equal(self) -> bool:
+        """Whether the language model's RoPE tables repeat their first half (transformers' Llama family does)."""
+        emb = self.get_input_embeddings().weight
+        positions = torch.arange(4096, device=emb.device)[None]
+        cos, sin = self.language_model.model.rotary_emb(emb[:1, None], positions)
+        return text_attention.halves_equal(cos, sin)
 
     def set_prefill_schedule(self, chunk: Chunks = None, overlap: bool = False) -> None:
         """Order the saisa prefill's visual work, after `optimize_for_inference`, without folding or compiling again
@@ -477,11 +491,14 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         w0 = fused.layers[0]
         ffn = "triton" if fused.ffn == "triton" and skinny.supported(hidden, w0.wg, w0.wu, tiles=skinny.GATE_UP) \
             else "aten"
+        attention = fused.attention
+        if attention == "triton" and not text_attention.supported(hidden, w0.wkv, head_dim):
+            attention = "eager"
         for i, weights in enumerate(fused.layers):
             if events[i] is not None:
                 main.wait_event(events[i])
             hidden, delta = fused.text(hidden, delta, inputs[i], attn_bias, key_cos, key_sin, weights, eps, head_dim,
-                                       fused.attention, ffn)
+                                       attention, ffn, fused.rope_half)
         hidden = hidden + delta
         if cols is not None:  # placeholder rows come back as zeros (their logits carry no meaning)
             hidden = text_h.new_zeros(text_h.shape).scatter(1, cols.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]),

@@ -1,0 +1,239 @@
+"""NAAViT attention for a few text queries as Triton kernels: RoPE, scores, softmax and values in one pass.
+
+Unusual here: at batch 1 the text queries are few (t=64) and the keys many (576 visual + t text), so one program
+per query head would leave most of an H100's 132 SMs idle and walk the keys serially. Each program takes one span of
+the keys instead (split-K over keys, as flash-decoding does), rotates its queries and keys with RoPE as they are
+loaded (the k/v GEMM's output is read unrotated, in place), and keeps an online softmax; a second kernel merges the
+spans by their log-sum-exp and writes (B, T, Hq * D), o_proj's input layout. This replaces the six kernels of
+`fused.attend(kind="eager")` plus the two RoPEs and the transpose. Triton is imported lazily; `supported` says
+where the kernels run (CUDA, Triton, head_dim a power of two up to 128).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+MAX_HEAD_DIM = 128
+PDL = True  # text_attention_op launches its kernels as programmatic dependents where the GPU allows it
+LOG2E = 1.4426950408889634
+
+
+@functools.cache
+def _triton():
+    """The kernels, compiled on first use (None where Triton is missing)."""
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+
+    @triton.jit
+    def _rotated(ptrs, cos_ptrs, sin_ptrs, half: tl.constexpr, mask, HALF_TABLE: tl.constexpr):
+        """RoPE (rotate-half) of one (rows, D) block loaded as its two halves; fp32 math, rounded to the input dtype
+        as the reference's rotated tensor is. HALF_TABLE: the tables' two halves are equal, read the first only."""
+        lo = tl.load(ptrs, mask=mask, other=0.0)
+        hi = tl.load(ptrs + half, mask=mask, other=0.0)
+        c_lo = tl.load(cos_ptrs, mask=mask, other=0.0).to(tl.float32)
+        s_lo = tl.load(sin_ptrs, mask=mask, other=0.0).to(tl.float32)
+        if HALF_TABLE:
+            c_hi, s_hi = c_lo, s_lo
+        else:
+            c_hi = tl.load(cos_ptrs + half, mask=mask, other=0.0).to(tl.float32)
+            s_hi = tl.load(sin_ptrs + half, mask=mask, other=0.0).to(tl.float32)
+        lo32, hi32 = lo.to(tl.float32), hi.to(tl.float32)
+        return (lo32 * c_lo - hi32 * s_lo).to(lo.dtype), (hi32 * c_hi + lo32 * s_hi).to(lo.dtype)
+
+    @triton.jit
+    def span_kernel(q_ptr, kv_ptr, cos_ptr, sin_ptr, bias_ptr, o_ptr, acc_ptr, ml_ptr, T, S, span, t_pad, qk_scale,
+                    stride_qb, stride_qt, stride_kb, stride_ks, v_col, stride_cb, stride_cs,
+                    stride_bb, stride_bt, stride_bs, stride_ob, stride_ot,
+                    GROUP: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr, HALF_TABLE: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr):
+        if PDL:  # launched before the previous kernel ends (programmatic dependent launch): wait for its writes
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        half: tl.constexpr = D // 2
+        part = tl.program_id(0) % SPLIT
+        offs_m = (tl.program_id(0) // SPLIT) * BLOCK_M + tl.arange(0, BLOCK_M)
+        head = tl.program_id(1)  # query head; its K/V head is head // GROUP
+        b = tl.program_id(2)
+        rows = offs_m < T
+        dh = tl.arange(0, half)[None, :]
+        q_rows = q_ptr + b * stride_qb + offs_m[:, None] * stride_qt + head * D + dh
+        q_pos = b * stride_cb + (S - T + offs_m[:, None]) * stride_cs + dh  # the queries are the last T key rows
+        q_lo, q_hi = _rotated(q_rows, cos_ptr + q_pos, sin_ptr + q_pos, half, rows[:, None], HALF_TABLE)
+        kv_base = kv_ptr + b * stride_kb + (head // GROUP) * D
+        m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        l_i = tl.zeros((BLOCK_M,), tl.float32)
+        acc = tl.zeros((BLOCK_M, D), tl.float32)
+        start = part * span
+        end = tl.minimum(S, start + span)
+        for n0 in tl.range(start, end, BLOCK_N, num_stages=STAGES):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            keys = offs_n < end
+            k_pos = b * stride_cb + offs_n[:, None] * stride_cs + dh
+            k_lo, k_hi = _rotated(kv_base + offs_n[:, None] * stride_ks + dh, cos_ptr + k_pos, sin_ptr + k_pos, half,
+                                  keys[:, None], HALF_TABLE)
+            scores = tl.dot(q_hi, tl.trans(k_hi), tl.dot(q_lo, tl.trans(k_lo)))  # (BLOCK_M, BLOCK_N) fp32
+            bias = tl.load(bias_ptr + b * stride_bb + offs_m[:, None] * stride_bt + offs_n[None, :] * stride_bs,
+                           mask=rows[:, None] & keys[None, :], other=float("-inf")).to(tl.float32)
+            scores = scores * qk_scale + bias * 1.4426950408889634  # log2 domain: exp2 below
+            m_new = tl.maximum(m_i, tl.max(scores, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key so far: keep exp2 finite
+            p = tl.exp2(scores - m_use[:, None])
+            alpha = tl.exp2(m_i - m_use)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(kv_base + v_col + offs_n[:, None] * stride_ks + tl.arange(0, D)[None, :], mask=keys[:, None],
+                        other=0.0)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+            m_i = m_new
+        if SPLIT == 1:
+            out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+            o = o_ptr + b * stride_ob + offs_m[:, None] * stride_ot + head * D + tl.arange(0, D)[None, :]
+            tl.store(o, out.to(o_ptr.dtype.element_ty), mask=rows[:, None])
+        else:  # this span's unnormalised output and its running max and sum, for merge_kernel
+            slot = ((b * tl.num_programs(1) + head) * SPLIT + part) * t_pad
+            tl.store(acc_ptr + (slot + offs_m[:, None]) * D + tl.arange(0, D)[None, :], acc)
+            tl.store(ml_ptr + 2 * slot + offs_m, m_i)
+            tl.store(ml_ptr + 2 * slot + t_pad + offs_m, l_i)
+
+    @triton.jit
+    def merge_kernel(o_ptr, acc_ptr, ml_ptr, T, t_pad, stride_ob, stride_ot,
+                     D: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, PDL: tl.constexpr):
+        """The SPLIT spans of one (batch, head, block of query rows) merged by their log-sum-exp (log2 domain)."""
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        head = tl.program_id(1)
+        b = tl.program_id(2)
+        rows = offs_m < T
+        first = (b * tl.num_programs(1) + head) * SPLIT
+        m_all = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        for sp in tl.static_range(SPLIT):
+            m_all = tl.maximum(m_all, tl.load(ml_ptr + 2 * (first + sp) * t_pad + offs_m, mask=rows,
+                                              other=float("-inf")))
+        m_use = tl.where(m_all == float("-inf"), 0.0, m_all)
+        l_all = tl.zeros((BLOCK_M,), tl.float32)
+        acc = tl.zeros((BLOCK_M, D), tl.float32)
+        for sp in tl.static_range(SPLIT):
+            slot = (first + sp) * t_pad
+            w = tl.exp2(tl.load(ml_ptr + 2 * slot + offs_m, mask=rows, other=float("-inf")) - m_use)
+            l_all += w * tl.load(ml_ptr + 2 * slot + t_pad + offs_m, mask=rows, other=0.0)
+            acc += w[:, None] * tl.load(acc_ptr + (slot + offs_m[:, None]) * D + tl.arange(0, D)[None, :],
+                                        mask=rows[:, None], other=0.0)
+        out = acc / tl.where(l_all == 0.0, 1.0, l_all)[:, None]
+        o = o_ptr + b * stride_ob + offs_m[:, None] * stride_ot + head * D + tl.arange(0, D)[None, :]
+        tl.store(o, out.to(o_ptr.dtype.element_ty), mask=rows[:, None])
+
+    return triton, span_kernel, merge_kernel
+
+
+def available() -> bool:
+    """A CUDA device and Triton: where the kernels can run at all."""
+    return torch.cuda.is_available() and _triton() is not None
+
+
+def supported(q: torch.Tensor, kv: torch.Tensor, head_dim: int) -> bool:
+    """Whether `text_attention` can run for these tensors: CUDA, Triton, half precision, head_dim a power of two
+    from 16 to MAX_HEAD_DIM, contiguous last dims."""
+    return (q.is_cuda and _triton() is not None and q.dtype in (torch.bfloat16, torch.float16) and kv.dtype == q.dtype
+            and 16 <= head_dim <= MAX_HEAD_DIM and head_dim & (head_dim - 1) == 0
+            and q.stride(-1) == 1 and kv.stride(-1) == 1)
+
+
+@functools.cache
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def text_attention(
+    q: torch.Tensor,  # (B, T, Hq * D): the text queries, not rotated
+    kv: torch.Tensor,  # (B, S, 2 * Hkv * D): the k/v GEMM's output, [keys | values] per row, keys not rotated
+    cos: torch.Tensor,  # (B, S, D): RoPE tables of the key rows; the queries are the last T key rows
+    sin: torch.Tensor,
+    bias: torch.Tensor,  # (B, 1, T, S): 0 where a query may attend to a key, -inf elsewhere
+    head_dim: int,
+    scale: float | None = None,
+    half_table: bool = False,
+    split: int | None = None,
+    block_n: int = 64,
+    stages: int = 2,
+    warps: int = 4,
+    pdl: bool = False,
+) -> torch.Tensor:
+    """softmax(rope(q) rope(k)^T * scale + bias) v for every query head -> (B, T, Hq * D) (check `supported`
+    first). half_table: cos/sin repeat their first half (transformers' RoPE), so only it is read. split: key
+    spans per (batch, head, query block); None: enough to give every SM a program. pdl: launch both kernels as
+    programmatic dependents of the kernel before (Hopper and later; `pdl_supported`), so their launch overlaps its
+    end (each waits for the previous kernel's writes before reading anything)."""
+    b, t, qd = q.shape
+    s = kv.shape[1]
+    hkv = kv.shape[-1] // (2 * head_dim)
+    hq = qd // head_dim
+    if (kv.shape[0] != b or qd % head_dim or hq % max(hkv, 1) or kv.shape[-1] != 2 * hkv * head_dim
+            or cos.shape != (b, s, head_dim) or sin.shape != cos.shape or bias.shape != (b, 1, t, s) or t > s):
+        raise ValueError(f"text_attention: q {tuple(q.shape)}, kv {tuple(kv.shape)}, cos {tuple(cos.shape)}, sin "
+                         f"{tuple(sin.shape)}, bias {tuple(bias.shape)} do not fit head_dim {head_dim} (expected "
+                         "q (B, T, Hq*D), kv (B, S, 2*Hkv*D), cos/sin (B, S, D), bias (B, 1, T, S))")
+    if cos.stride(-1) != 1 or sin.stride() != cos.stride():
+        raise ValueError("text_attention needs cos and sin with one layout and a contiguous last dim")
+    if not supported(q, kv, head_dim):
+        raise ValueError(f"text_attention needs CUDA, Triton, bf16/fp16 q and kv of one dtype, contiguous last dims "
+                         f"and a power-of-two head_dim <= {MAX_HEAD_DIM}; got {q.dtype} q on {q.device}, "
+                         f"{kv.dtype} kv, head_dim {head_dim} (check supported() and use fused.attend otherwise)")
+    triton, span_kernel, merge_kernel = _triton()
+    block_m = min(64, max(16, triton.next_power_of_2(t)))
+    q_blocks = triton.cdiv(t, block_m)
+    key_blocks = triton.cdiv(s, block_n)
+    if split is None:
+        split = triton.cdiv(_multiprocessors(q.device.index or 0), b * hq * q_blocks)
+    span = triton.cdiv(key_blocks, max(1, min(split, key_blocks))) * block_n
+    split = triton.cdiv(s, span)
+    out = q.new_empty(b, t, qd)
+    t_pad = q_blocks * block_m
+    if split > 1:
+        acc = torch.empty(b * hq * split * t_pad, head_dim, dtype=torch.float32, device=q.device)
+        ml = torch.empty(b * hq * split * 2 * t_pad, dtype=torch.float32, device=q.device)
+    else:
+        acc = ml = out
+    span_kernel[(q_blocks * split, hq, b)](
+        q, kv, cos, sin, bias, out, acc, ml, t, s, span, t_pad, (head_dim**-0.5 if scale is None else scale) * LOG2E,
+        q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), hkv * head_dim, cos.stride(0), cos.stride(1),
+        bias.stride(0), bias.stride(2), bias.stride(3), out.stride(0), out.stride(1),
+        GROUP=hq // hkv, D=head_dim, SPLIT=split, HALF_TABLE=half_table, BLOCK_M=block_m, BLOCK_N=block_n,
+        STAGES=stages, PDL=pdl, num_warps=warps, launch_pdl=pdl,
+    )
+    if split > 1:
+        merge_block = 16
+        merge_kernel[(triton.cdiv(t, merge_block), hq, b)](
+            out, acc, ml, t, t_pad, out.stride(0), out.stride(1), D=head_dim, SPLIT=split, BLOCK_M=merge_block,
+            PDL=pdl, num_warps=4, launch_pdl=pdl,
+        )
+    return out
+
+
+def pdl_supported(device: torch.device) -> bool:
+    """Programmatic dependent launch needs compute capability 9.0 (Hopper) or later."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def halves_equal(cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """Whether RoPE tables repeat their first half in the second (transformers' Llama-family RoPE does), so the
+    kernel may read half of them (`half_table`)."""
+    d = cos.shape[-1] // 2
+    return bool(torch.equal(cos[..., :d], cos[..., d:]) and torch.equal(sin[..., :d], sin[..., d:]))
+
+
+@torch.library.custom_op("saisa::text_attention", mutates_args=())
+def text_attention_op(q: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor,
+                      head_dim: int, half_table: bool) -> torch.Tensor:
+    """`text_attention` with its default settings, as an operator torch.compile keeps whole."""
+    return text_attention(q, kv, cos, sin, bias, head_dim, half_table=half_table, pdl=PDL and pdl_supported(q.device))
+
+
+@text_attention_op.register_fake
+def _(q, kv, cos, sin, bias, head_dim, half_table):
+    return q.new_empty(q.shape)
+
