@@ -31,7 +31,6 @@ import torch.nn.functional as F
 from saisa.bench.setting import PRESETS
 from saisa.bench.systems import SAISA_SCHEDULES, build_ours, make_inputs
 from saisa.bench.timing import free_memory, time_fn
-from saisa.model import skinny, text_attention
 from saisa.model.fused import ATTENTION, attend
 
 # name -> optimize_for_inference arguments (compile=True, fold=True throughout; "blas": torch's preferred BLAS
@@ -53,7 +52,6 @@ VARIANTS = {
     "serial-no-combo": {**SAISA_SCHEDULES["serial"], "attention": "eager", "compile_options": {}},
     # text_attention's kernels (RoPE, scores, softmax and values over key spans, a merge) for the eager form's.
     "serial-triton-attn": {**SAISA_SCHEDULES["serial"], "attention": "triton"},
-    "serial-triton-attn-no-pdl": {**SAISA_SCHEDULES["serial"], "attention": "triton", "pdl": False},
     "flex": {"chunk": 1, "overlap": True, "attention": "flex"},  # newest kernels last: a fault spoils what follows
     "eager-autotune": {"chunk": 1, "overlap": True, "attention": "eager",
                        "compile_mode": "max-autotune-no-cudagraphs"},
@@ -82,8 +80,6 @@ def run_variant(model, s, kw: dict, ref: torch.Tensor, device, smoke: bool) -> t
     kw = dict(kw)
     blas = kw.pop("blas", None)
     old_blas = torch.backends.cuda.preferred_blas_library() if blas and device.type == "cuda" else None
-    old_pdl = text_attention.PDL, skinny.PDL
-    text_attention.PDL = skinny.PDL = kw.pop("pdl", True)  # read when the graph is captured
     t0 = time.perf_counter()
     try:
         if old_blas is not None:  # the GEMMs' library is fixed when the graph is captured
@@ -98,7 +94,6 @@ def run_variant(model, s, kw: dict, ref: torch.Tensor, device, smoke: bool) -> t
                 run = lambda i=0: model(input_ids=s.ids, image_features=s.features, logits_to_keep=1).logits
                 run()
     finally:
-        text_attention.PDL, skinny.PDL = old_pdl
         if old_blas is not None:
             torch.backends.cuda.preferred_blas_library(old_blas)
     row["build_s"] = round(time.perf_counter() - t0, 1)

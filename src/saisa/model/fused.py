@@ -6,9 +6,10 @@ residuals) fuses into a few kernels per layer instead of ~30 eager launches. The
 normalised visual inputs; the text step projects them together with its text rows, one k/v GEMM per layer (see
 text_layer_step). Numerics follow transformers' Llama modules (norm in fp32, cast, then scale by the weight), except
 that k/v use the norm weight folded into W_k/W_v; `tests/test_model.py` checks the result equals the reference path.
-Attention has three interchangeable forms (`attend`): at batch 1 a fused SDPA kernel gives each head's few text
-queries one tile, so 32 blocks loop over the keys on a 132-SM H100, where two batched matmuls and a softmax spread
-the same work over the whole GPU (20 against 13 us per layer at t=64: benchmarks/results/profile-prefill-h100-t64.json).
+Attention has three interchangeable forms in torch (`attend`): at batch 1 a fused SDPA kernel gives each head's few
+text queries one tile, so 32 blocks loop over the keys on a 132-SM H100, where two batched matmuls and a softmax
+spread the same work over the whole GPU (20 against 13 us per layer at t=64: profile-prefill-h100-t64.json); on CUDA
+text_attention's Triton kernels do RoPE, attention and the merge of key spans in two launches (ATTENTION "triton").
 """
 
 from __future__ import annotations

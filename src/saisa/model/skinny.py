@@ -33,7 +33,6 @@ DEFAULT = Tiles()
 # Measured fastest at 64 rows on an H100 (scripts/profile_skinny.py, benchmarks/results/skinny-gemms-h100-t64.json):
 # SiLU(x W_g^T) * (x W_u^T) for Vicuna-7B's FFN at 2.70 TB/s, against 2.39 for cuBLAS's two GEMMs and the product.
 GATE_UP = Tiles(block_n=32, block_k=128, stages=6, warps=4)
-PDL = True  # gate_up_op launches its kernel as a programmatic dependent where the GPU allows it
 MAX_ROWS = 64  # more rows: GATE_UP's pipeline no longer fits in shared memory, and the GEMM nears compute-bound
 
 
@@ -72,9 +71,7 @@ def _triton():
 
     @triton.jit
     def gate_up_kernel(x_ptr, wg_ptr, wu_ptr, y_ptr, M, K, stride_xm, stride_wn, stride_ym,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-        if PDL:  # launched before the previous kernel ends (programmatic dependent launch): wait for its writes
-            tl.extra.cuda.gdc_wait()
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         pid_n = tl.program_id(0)
         offs_m = tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -138,10 +135,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, tiles: Tiles = DEFAULT) -> torch.Te
     return y.to(x.dtype).view(*x.shape[:-1], n) if split > 1 else y.view(*x.shape[:-1], n)
 
 
-def gate_up(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, tiles: Tiles = DEFAULT, pdl: bool = False
-            ) -> torch.Tensor:
-    """SiLU(x wg^T) * (x wu^T), (..., K) -> (..., N), in one kernel (split_k is ignored). pdl: launched as a
-    programmatic dependent of the kernel before (Hopper and later), its launch overlapping that kernel's end."""
+def gate_up(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, tiles: Tiles = DEFAULT) -> torch.Tensor:
+    """SiLU(x wg^T) * (x wu^T), (..., K) -> (..., N), in one kernel (split_k is ignored)."""
     triton, _, kernel = _triton()
     x2 = _rows(x)
     m, k = x2.shape
@@ -149,8 +144,8 @@ def gate_up(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, tiles: Tiles = 
     y = x.new_empty(m, n)
     kernel[(n // tiles.block_n,)](
         x2, wg, wu, y, m, k, x2.stride(0), wg.stride(0), y.stride(0),
-        BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, PDL=pdl,
-        num_stages=tiles.stages, num_warps=tiles.warps, launch_pdl=pdl,
+        BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        num_stages=tiles.stages, num_warps=tiles.warps,
     )
     return y.view(*x.shape[:-1], n)
 
@@ -159,7 +154,7 @@ def gate_up(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, tiles: Tiles = 
 @torch.library.custom_op("saisa::gate_up", mutates_args=())
 def gate_up_op(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor) -> torch.Tensor:
     """`gate_up` with the GATE_UP tiles, as an operator torch.compile keeps whole (inductor cannot see into it)."""
-    return gate_up(x, wg, wu, GATE_UP, pdl=PDL and torch.cuda.get_device_capability(x.device)[0] >= 9)
+    return gate_up(x, wg, wu, GATE_UP)
 
 
 @gate_up_op.register_fake

@@ -6,7 +6,7 @@ the keys instead (split-K over keys, as flash-decoding does), rotates its querie
 loaded (the k/v GEMM's output is read unrotated, in place), and keeps an online softmax; a second kernel merges the
 spans by their log-sum-exp and writes (B, T, Hq * D), o_proj's input layout. This replaces the six kernels of
 `fused.attend(kind="eager")` plus the two RoPEs and the transpose. Triton is imported lazily; `supported` says
-where the kernels run (CUDA, Triton, head_dim a power of two up to 128).
+where the kernels run (CUDA, Triton, head_dim a power of two from 32 to 128).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import functools
 import torch
 
 MAX_HEAD_DIM = 128
-PDL = True  # text_attention_op launches its kernels as programmatic dependents where the GPU allows it
 LOG2E = 1.4426950408889634
 
 
@@ -50,10 +49,7 @@ def _triton():
                     stride_qb, stride_qt, stride_kb, stride_ks, v_col, stride_cb, stride_cs,
                     stride_bb, stride_bt, stride_bs, stride_ob, stride_ot,
                     GROUP: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr, HALF_TABLE: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr):
-        if PDL:  # launched before the previous kernel ends (programmatic dependent launch): wait for its writes
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr):
         half: tl.constexpr = D // 2
         part = tl.program_id(0) % SPLIT
         offs_m = (tl.program_id(0) // SPLIT) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -101,10 +97,8 @@ def _triton():
 
     @triton.jit
     def merge_kernel(o_ptr, acc_ptr, ml_ptr, T, t_pad, stride_ob, stride_ot,
-                     D: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, PDL: tl.constexpr):
+                     D: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr):
         """The SPLIT spans of one (batch, head, block of query rows) merged by their log-sum-exp (log2 domain)."""
-        if PDL:
-            tl.extra.cuda.gdc_wait()
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         head = tl.program_id(1)
         b = tl.program_id(2)
@@ -137,9 +131,10 @@ def available() -> bool:
 
 def supported(q: torch.Tensor, kv: torch.Tensor, head_dim: int) -> bool:
     """Whether `text_attention` can run for these tensors: CUDA, Triton, half precision, head_dim a power of two
-    from 16 to MAX_HEAD_DIM, contiguous last dims."""
+    from 32 to MAX_HEAD_DIM (the scores are two products over half a head, and Triton's need K >= 16), contiguous
+    last dims."""
     return (q.is_cuda and _triton() is not None and q.dtype in (torch.bfloat16, torch.float16) and kv.dtype == q.dtype
-            and 16 <= head_dim <= MAX_HEAD_DIM and head_dim & (head_dim - 1) == 0
+            and 32 <= head_dim <= MAX_HEAD_DIM and head_dim & (head_dim - 1) == 0
             and q.stride(-1) == 1 and kv.stride(-1) == 1)
 
 
@@ -161,13 +156,10 @@ def text_attention(
     block_n: int = 64,
     stages: int = 2,
     warps: int = 4,
-    pdl: bool = False,
 ) -> torch.Tensor:
     """softmax(rope(q) rope(k)^T * scale + bias) v for every query head -> (B, T, Hq * D) (check `supported`
     first). half_table: cos/sin repeat their first half (transformers' RoPE), so only it is read. split: key
-    spans per (batch, head, query block); None: enough to give every SM a program. pdl: launch both kernels as
-    programmatic dependents of the kernel before (Hopper and later; `pdl_supported`), so their launch overlaps its
-    end (each waits for the previous kernel's writes before reading anything)."""
+    spans per (batch, head, query block); None: enough to give every SM a program."""
     b, t, qd = q.shape
     s = kv.shape[1]
     hkv = kv.shape[-1] // (2 * head_dim)
@@ -181,7 +173,7 @@ def text_attention(
         raise ValueError("text_attention needs cos and sin with one layout and a contiguous last dim")
     if not supported(q, kv, head_dim):
         raise ValueError(f"text_attention needs CUDA, Triton, bf16/fp16 q and kv of one dtype, contiguous last dims "
-                         f"and a power-of-two head_dim <= {MAX_HEAD_DIM}; got {q.dtype} q on {q.device}, "
+                         f"and a power-of-two head_dim from 32 to {MAX_HEAD_DIM}; got {q.dtype} q on {q.device}, "
                          f"{kv.dtype} kv, head_dim {head_dim} (check supported() and use fused.attend otherwise)")
     triton, span_kernel, merge_kernel = _triton()
     block_m = min(64, max(16, triton.next_power_of_2(t)))
@@ -203,20 +195,15 @@ def text_attention(
         q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), hkv * head_dim, cos.stride(0), cos.stride(1),
         bias.stride(0), bias.stride(2), bias.stride(3), out.stride(0), out.stride(1),
         GROUP=hq // hkv, D=head_dim, SPLIT=split, HALF_TABLE=half_table, BLOCK_M=block_m, BLOCK_N=block_n,
-        STAGES=stages, PDL=pdl, num_warps=warps, launch_pdl=pdl,
+        STAGES=stages, num_warps=warps,
     )
     if split > 1:
         merge_block = 16
         merge_kernel[(triton.cdiv(t, merge_block), hq, b)](
             out, acc, ml, t, t_pad, out.stride(0), out.stride(1), D=head_dim, SPLIT=split, BLOCK_M=merge_block,
-            PDL=pdl, num_warps=4, launch_pdl=pdl,
+            num_warps=4,
         )
     return out
-
-
-def pdl_supported(device: torch.device) -> bool:
-    """Programmatic dependent launch needs compute capability 9.0 (Hopper) or later."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def halves_equal(cos: torch.Tensor, sin: torch.Tensor) -> bool:
@@ -230,7 +217,7 @@ def halves_equal(cos: torch.Tensor, sin: torch.Tensor) -> bool:
 def text_attention_op(q: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor,
                       head_dim: int, half_table: bool) -> torch.Tensor:
     """`text_attention` with its default settings, as an operator torch.compile keeps whole."""
-    return text_attention(q, kv, cos, sin, bias, head_dim, half_table=half_table, pdl=PDL and pdl_supported(q.device))
+    return text_attention(q, kv, cos, sin, bias, head_dim, half_table=half_table)
 
 
 @text_attention_op.register_fake
