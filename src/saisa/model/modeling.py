@@ -192,7 +192,7 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         if ffn == "auto":
             ffn = "triton" if on_cuda and skinny.available() else "aten"
         if attention == "auto":
-            attention = "triton" if on_cuda and text_attention.available() else "eager"
+            attention = "triton" if on_cuda and skinny.available() else "eager"
         if compile_options is None and compile_backend == "inductor" and compile_mode is None and on_cuda:
             compile_options = {"combo_kernels": True}  # 8.54 vs 8.63 ms at t=64 (profile-prefill-h100-t64-combo.json)
         if self.config.architecture != "saisa":

@@ -37,13 +37,22 @@ MAX_ROWS = 64  # more rows: GATE_UP's pipeline no longer fits in shared memory, 
 
 
 @functools.cache
-def _triton():
-    """The kernels, compiled on first use (None where Triton is missing)."""
+def triton_modules():
+    """(triton, triton.language), or None where Triton is missing: the one lazy import of this package's kernels."""
     try:
         import triton
         import triton.language as tl
     except ImportError:
         return None
+    return triton, tl
+
+
+@functools.cache
+def _triton():
+    """The kernels, compiled on first use (None where Triton is missing)."""
+    if triton_modules() is None:
+        return None
+    triton, tl = triton_modules()
 
     @triton.jit
     def linear_kernel(x_ptr, w_ptr, y_ptr, M, K, stride_xm, stride_wn, stride_ym,
@@ -97,7 +106,7 @@ def _triton():
 
 
 def available() -> bool:
-    """A CUDA device and Triton: where the kernels can run at all."""
+    """A CUDA device and Triton: where this package's Triton kernels (here and in text_attention) can run at all."""
     return torch.cuda.is_available() and _triton() is not None
 
 

@@ -6,7 +6,7 @@ the keys instead (split-K over keys, as flash-decoding does), rotates its querie
 loaded (the k/v GEMM's output is read unrotated, in place), and keeps an online softmax; a second kernel merges the
 spans by their log-sum-exp and writes (B, T, Hq * D), o_proj's input layout. This replaces the six kernels of
 `fused.attend(kind="eager")` plus the two RoPEs and the transpose. Triton is imported lazily; `supported` says
-where the kernels run (CUDA, Triton, head_dim a power of two from 32 to 128).
+where the kernels run (CUDA, Triton (skinny.available), head_dim a power of two from 32 to 128).
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import functools
 
 import torch
 
+from .skinny import triton_modules
+
 MAX_HEAD_DIM = 128
 LOG2E = 1.4426950408889634
 
@@ -22,11 +24,9 @@ LOG2E = 1.4426950408889634
 @functools.cache
 def _triton():
     """The kernels, compiled on first use (None where Triton is missing)."""
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError:
+    if triton_modules() is None:
         return None
+    triton, tl = triton_modules()
 
     @triton.jit
     def _rotated(ptrs, cos_ptrs, sin_ptrs, half: tl.constexpr, mask, HALF_TABLE: tl.constexpr):
@@ -45,7 +45,8 @@ def _triton():
         return (lo32 * c_lo - hi32 * s_lo).to(lo.dtype), (hi32 * c_hi + lo32 * s_hi).to(lo.dtype)
 
     @triton.jit
-    def span_kernel(q_ptr, kv_ptr, cos_ptr, sin_ptr, bias_ptr, o_ptr, acc_ptr, ml_ptr, T, S, span, t_pad, qk_scale,
+    def span_kernel(q_ptr, kv_ptr, cos_ptr, sin_ptr, bias_ptr, o_ptr, acc_ptr, ml_ptr, T, S, span, t_pad,
+                    qk_scale, log2e,
                     stride_qb, stride_qt, stride_kb, stride_ks, v_col, stride_cb, stride_cs,
                     stride_bb, stride_bt, stride_bs, stride_ob, stride_ot,
                     GROUP: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr, HALF_TABLE: tl.constexpr,
@@ -75,7 +76,7 @@ def _triton():
             scores = tl.dot(q_hi, tl.trans(k_hi), tl.dot(q_lo, tl.trans(k_lo)))  # (BLOCK_M, BLOCK_N) fp32
             bias = tl.load(bias_ptr + b * stride_bb + offs_m[:, None] * stride_bt + offs_n[None, :] * stride_bs,
                            mask=rows[:, None] & keys[None, :], other=float("-inf")).to(tl.float32)
-            scores = scores * qk_scale + bias * 1.4426950408889634  # log2 domain: exp2 below
+            scores = scores * qk_scale + bias * log2e  # log2 domain: exp2 below
             m_new = tl.maximum(m_i, tl.max(scores, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key so far: keep exp2 finite
             p = tl.exp2(scores - m_use[:, None])
@@ -122,11 +123,6 @@ def _triton():
         tl.store(o, out.to(o_ptr.dtype.element_ty), mask=rows[:, None])
 
     return triton, span_kernel, merge_kernel
-
-
-def available() -> bool:
-    """A CUDA device and Triton: where the kernels can run at all."""
-    return torch.cuda.is_available() and _triton() is not None
 
 
 def supported(q: torch.Tensor, kv: torch.Tensor, head_dim: int) -> bool:
@@ -191,7 +187,8 @@ def text_attention(
     else:
         acc = ml = out
     span_kernel[(q_blocks * split, hq, b)](
-        q, kv, cos, sin, bias, out, acc, ml, t, s, span, t_pad, (head_dim**-0.5 if scale is None else scale) * LOG2E,
+        q, kv, cos, sin, bias, out, acc, ml, t, s, span, t_pad,
+        (head_dim**-0.5 if scale is None else scale) * LOG2E, LOG2E,
         q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), hkv * head_dim, cos.stride(0), cos.stride(1),
         bias.stride(0), bias.stride(2), bias.stride(3), out.stride(0), out.stride(1),
         GROUP=hq // hkv, D=head_dim, SPLIT=split, HALF_TABLE=half_table, BLOCK_M=block_m, BLOCK_N=block_n,
