@@ -51,7 +51,11 @@ VARIANTS = {
     # kernels, the q and k RoPEs, as one; until 2026-11-22 this was "serial", and "serial-combo" the default).
     "serial-no-combo": {**SAISA_SCHEDULES["serial"], "attention": "eager", "compile_options": {}},
     # text_attention's kernels (RoPE, scores, softmax and values over key spans, a merge) for the eager form's.
-    "serial-triton-attn": {**SAISA_SCHEDULES["serial"], "attention": "triton"},
+    "serial-triton-attn": {**SAISA_SCHEDULES["serial"], "attention": "triton", "step": "compiled"},
+    # fused.skinny_layer_step (no norm kernels: the RMS division deferred into the kernels that read the norms).
+    "serial-skinny": {**SAISA_SCHEDULES["serial"], "attention": "triton", "step": "skinny"},
+    "overlap-skinny": {**SAISA_SCHEDULES["overlap"], "attention": "triton", "step": "skinny"},
+    "head8-skinny": {**SAISA_SCHEDULES["head8"], "attention": "triton", "step": "skinny"},
     "flex": {"chunk": 1, "overlap": True, "attention": "flex"},  # newest kernels last: a fault spoils what follows
     "eager-autotune": {"chunk": 1, "overlap": True, "attention": "eager",
                        "compile_mode": "max-autotune-no-cudagraphs"},

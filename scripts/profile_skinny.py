@@ -5,7 +5,9 @@ none is found in L2), and is timed per call; each candidate is checked against t
 Sections: "gemms", every tiling of saisa.model.skinny's kernels at the text GEMMs' shapes against cuBLAS (and the
 device-to-device copy bandwidth); "attention", q_proj + RoPE + attention, the compiled reference against
 saisa.model.text_attention's kernels in several settings ("attention-ncu": a few launches of them, to run under
-Nsight Compute); "prefetch", whether an L2 prefetch of W_q issued before the k/v GEMM
+Nsight Compute); "residual", o_proj and down_proj as skinny.linear_residual in every tiling against cuBLAS plus
+the residual add and norm it replaces; "grouped", q_proj in the k/v GEMM's launch (torch._grouped_mm); "coresident", the visual GEMMs on a side stream
+inside the FFN kernel's SMs; "prefetch", whether an L2 prefetch of W_q issued before the k/v GEMM
 hides q_proj's weight reads. Prints tables; JSON to --out (rewritten after each part).
 
     PYTHONPATH=src python3 scripts/profile_skinny.py --out $OUT/skinny.json --sections gemms --quick
@@ -263,6 +265,159 @@ def prefetch_section(layers: int, dev) -> dict:
     return {k: round(v, 2) if isinstance(v, float) else v for k, v in out.items()}
 
 
+def residual_section(rows: int, layers: int, budget_s: float, quick: bool, dev) -> dict:
+    """o_proj and down_proj as skinny.linear_residual (residual add, the next norm's weight, sums of squares in the
+    epilogue) in each tiling, against what it replaces in the compiled step: cuBLAS's GEMM, then the residual add
+    and the next RMSNorm (one inductor kernel)."""
+    start = time.time()
+    norm = torch.compile(lambda r, y, ln: _rms_norm(r + y, ln), dynamic=False)
+    return {name: _residual_shape(name, n, k, rows, layers, norm, lambda: time.time() - start > budget_s, quick, dev)
+            for name, (n, k) in {"o_proj": (4096, 4096), "down_proj": (4096, 11008)}.items()}
+
+
+def _residual_shape(name, n, k, rows, layers, norm, over, quick, dev) -> dict:
+    x = torch.randn(1, rows, k, device=dev, dtype=torch.bfloat16)
+    res = torch.randn(1, rows, n, device=dev, dtype=torch.bfloat16)
+    ln = torch.rand(n, device=dev, dtype=torch.bfloat16) + 0.5
+    ws = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) * k**-0.5 for _ in range(layers)]
+    sums = torch.zeros(rows, device=dev)
+    ref = res + F.linear(x, ws[0])
+    gemm = graph_us([lambda w=w: F.linear(x, w) for w in ws])
+    with_norm = graph_us([lambda w=w: norm(res, F.linear(x, w), ln) for w in ws])
+    row = {"cublas_us": round(gemm, 2), "cublas_add_norm_us": round(with_norm, 2), "triton": []}
+    print(f"\n{name} + residual + norm: cuBLAS {gemm:.2f} us, with the add and norm {with_norm:.2f} us")
+    for t in candidates(quick):
+        if over():
+            row["cut_short"] = True
+            break
+        if t.split_k > 1 or not skinny.supported(x, ws[0], tiles=t):
+            continue
+        try:
+            got = skinny.linear_residual(x, ws[0], res, ln, tiles=t)[0]
+            err = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
+            us = graph_us([lambda w=w, t=t: skinny.linear_residual(x, w, res, ln, sums=sums, tiles=t)
+                           for w in ws]) if err < 1e-2 else None
+        except Exception as e:  # noqa: BLE001 (out of resources: record and go on)
+            row["triton"].append({"tiles": t._asdict(), "error": f"{type(e).__name__}: {str(e)[:120]}"})
+            continue
+        row["triton"].append({"tiles": t._asdict(), "rel_err": round(err, 5)} | ({} if us is None else
+                                                                                 {"us": round(us, 2)}))
+    timed = sorted((e for e in row["triton"] if "us" in e), key=lambda e: e["us"])
+    row["best"] = timed[0] if timed else None
+    for e in timed[:5]:
+        print(f"  {e['tiles']} {e['us']:.2f} us")
+    return row
+
+
+def grouped_section(rows: int, layers: int, dev, sv: int = 576) -> dict:
+    """q_proj in the k/v GEMM's launch: torch._grouped_mm over row groups [visual + text] x W_k, the same rows
+    x W_v, text x W_q (the visual rows given twice), against cuBLAS's k/v GEMM over the visual and text rows and
+    the q GEMM after it (the compiled step's two launches). The k/v GEMM is compute-bound (640 rows) and q_proj
+    memory-bound, so in one grouped launch the q tiles' weight reads could hide under the k/v tiles' math."""
+    h = 4096
+    s = sv + rows
+    x = torch.randn(s, h, device=dev, dtype=torch.bfloat16)
+    xq = torch.randn(rows, h, device=dev, dtype=torch.bfloat16)
+    stacked = [torch.randn(3, h, h, device=dev, dtype=torch.bfloat16) * h**-0.5 for _ in range(layers)]  # k, v, q
+    kv_w = [w[:2].reshape(2 * h, h) for w in stacked]
+    a = torch.cat([x, x, xq])
+    offs = torch.tensor([s, 2 * s, 2 * s + rows], device=dev, dtype=torch.int32)
+    pair = torch.cat([x, x])
+    offs2 = torch.tensor([s, 2 * s], device=dev, dtype=torch.int32)
+    out = {}
+    ref = torch.cat([F.linear(x, stacked[0][0]), F.linear(x, stacked[0][1]), F.linear(xq, stacked[0][2])])
+    got = torch._grouped_mm(a, stacked[0].transpose(1, 2), offs=offs)
+    out["rel_err"] = round(((got.float() - ref.float()).norm() / ref.float().norm()).item(), 5)
+    out["cublas_kv_us"] = round(graph_us([lambda w=w: F.linear(x, w) for w in kv_w]), 2)
+    out["cublas_kv_then_q_us"] = round(graph_us(
+        [c for w, wkv in zip(stacked, kv_w) for c in (lambda w=wkv: F.linear(x, w), lambda w=w: F.linear(xq, w[2]))]
+    ) * 2, 2)
+    out["grouped_kv_us"] = round(graph_us([lambda w=w: torch._grouped_mm(pair, w[:2].transpose(1, 2), offs=offs2)
+                                           for w in stacked]), 2)
+    out["grouped_kv_q_us"] = round(graph_us([lambda w=w: torch._grouped_mm(a, w.transpose(1, 2), offs=offs)
+                                             for w in stacked]), 2)
+    out["kernels_grouped_kv_q"] = kernel_us([lambda w=w: torch._grouped_mm(a, w.transpose(1, 2), offs=offs)
+                                             for w in stacked[:4]])
+    print(f"grouped: {out}")
+    return out
+
+
+def coresident_section(rows: int, layers: int, dev, sv: int = 576) -> dict:
+    """Can the compute-bound visual GEMMs run INSIDE the memory-bound text kernels' SMs? The FFN's gate_up kernel
+    (tiles with little shared memory, so a GEMM block fits beside it on an SM) on the main stream, a Triton GEMM
+    of the visual rows' shape (576 x 4096 x 4096) on a side stream, each alone and both in one CUDA graph (fork and
+    join); cuBLAS's GEMM in the same place for comparison. Both at once in near max(alone) time means each SM
+    shares its issue slots and tensor cores between the two; near their sum, that the blocks do not co-reside."""
+    triton, tl = skinny.triton_modules()
+
+    @triton.jit
+    def mm_kernel(a_ptr, b_ptr, c_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr):
+        pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        a = a_ptr + offs_m[:, None] * K + offs_k[None, :]
+        b = b_ptr + offs_n[:, None] * K + offs_k[None, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for _ in range(0, K, BLOCK_K):
+            acc = tl.dot(tl.load(a, mask=offs_m[:, None] < M, other=0.0), tl.trans(tl.load(b)), acc)
+            a += BLOCK_K
+            b += BLOCK_K
+        tl.store(c_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(tl.bfloat16), mask=offs_m[:, None] < M)
+
+    h, inner = 4096, 11008
+    x = torch.randn(rows, h, device=dev, dtype=torch.bfloat16)
+    ffn = [[torch.randn(inner, h, device=dev, dtype=torch.bfloat16) * h**-0.5 for _ in range(2)]
+           for _ in range(layers)]
+    vis = torch.randn(sv, h, device=dev, dtype=torch.bfloat16)
+    vw = [torch.randn(h, h, device=dev, dtype=torch.bfloat16) * h**-0.5 for _ in range(layers)]
+    vout = torch.empty(sv, h, device=dev, dtype=torch.bfloat16)
+    out = {"copy_tb_per_s": round(copy_tbps(), 3)}
+
+    def triton_mm(w, bm=128, bn=128, bk=64, stages=3, warps=8):
+        mm_kernel[(triton.cdiv(sv, bm), h // bn)](vis, w, vout, sv, h, h, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                                                   num_stages=stages, num_warps=warps)
+
+    ref = F.linear(vis, vw[0])
+    triton_mm(vw[0])
+    out["triton_mm_rel_err"] = round(((vout.float() - ref.float()).norm() / ref.float().norm()).item(), 5)
+    side = torch.cuda.Stream(dev)
+
+    def both(text_calls, vis_calls):
+        def run():
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for c in vis_calls:
+                    c()
+            for c in text_calls:
+                c()
+            torch.cuda.current_stream().wait_stream(side)
+        return [run]
+
+    for name, tiles in {"gate_up 6 stages (192 KB)": skinny.GATE_UP,
+                        "gate_up 3 stages (73 KB)": skinny.Tiles(32, 128, 3, 4),
+                        "gate_up 2 stages (49 KB)": skinny.Tiles(32, 128, 2, 4)}.items():
+        text = [lambda w=w, t=tiles: skinny.gate_up(x, w[0], w[1], t) for w in ffn]
+        row = {"text_us": round(graph_us(text) * layers, 1)}
+        for vname, vcall in {"triton_mm": lambda w: triton_mm(w), "cublas": lambda w: F.linear(vis, w)
+                             }.items():
+            visual = [lambda w=w, f=vcall: f(w) for w in vw]
+            alone = graph_us(visual) * layers
+            together = graph_us(both(text, visual), reps=20)
+            row[vname] = {"visual_us": round(alone, 1), "both_us": round(together, 1),
+                          "hidden_fraction": round((row["text_us"] + alone - together) / min(row["text_us"], alone),
+                                                   3)}
+        out[name] = row
+        print(name, row)
+    return out
+
+
+def _rms_norm(x, w, eps=1e-5):
+    x32 = x.float()
+    return w * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -284,6 +439,18 @@ def main() -> None:
         return
     if "attention" in sections:
         results["attention"] = attention_section(args.layers, dev)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=1))
+    if "residual" in sections:
+        results["residual"] = residual_section(args.rows, args.layers, args.budget_s, args.quick, dev)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=1))
+    if "grouped" in sections:
+        results["grouped"] = grouped_section(args.rows, args.layers, dev)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=1))
+    if "coresident" in sections:
+        results["coresident"] = coresident_section(args.rows, args.layers, dev)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=1))
     if "prefetch" in sections:

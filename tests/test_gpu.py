@@ -10,7 +10,7 @@ from torch.testing import assert_close
 from saisa import SaisaForConditionalGeneration
 from saisa.model import skinny, text_attention
 from saisa.model.decoder import apply_rope
-from saisa.model.fused import attend, key_value
+from saisa.model.fused import attend, key_value, skinny_supported
 from saisa.model.graphs import GraphedForward
 
 pytestmark = pytest.mark.gpu
@@ -241,3 +241,87 @@ def test_text_attention_matches_the_reference(b, t, sv, hq, hkv, d, text_first):
         assert torch.isfinite(out).all(), setting
         assert _rel(out, ref) < 1e-2, setting
     assert _rel(torch.ops.saisa.text_attention(q, kv, cos, sin, bias, d, True), ref) < 1e-2
+
+
+def test_linear_residual_and_the_deferred_norm_match_aten():
+    """skinny.linear_residual's epilogue (residual add, the rows times the next norm's weight, a copy into strided
+    rows, partial sums of squares) and skinny.gate_up dividing by the RMS from those sums equal the reference:
+    h = residual + x W^T, then SiLU(RMSNorm(h) W_g^T) * (RMSNorm(h) W_u^T)."""
+    torch.manual_seed(5)
+    b, t, k, n, inner, eps = 2, 23, 512, 256, 1024, 1e-5
+    x = torch.randn(b, t, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k**-0.5
+    residual = torch.randn(b, t + 7, n, device="cuda", dtype=torch.bfloat16)[:, 7:]  # strided rows
+    ln = torch.rand(n, device="cuda", dtype=torch.bfloat16) + 0.5
+    room = torch.zeros(b, 40 + t, n, device="cuda", dtype=torch.bfloat16)
+    out, x_ln, ss = skinny.linear_residual(x, w, residual, ln, rows_out=room[:, 40:], tiles=skinny.RESIDUAL)
+    ref = residual + (x @ w.T)
+    assert out.shape == (b, t, n) and ss.shape == (b * t,)
+    assert_close(out, ref, atol=2e-2, rtol=1e-2)
+    assert torch.equal(room[:, 40:], out) and not room[:, :40].any(), "rows_out gets h, nothing else is touched"
+    assert_close(x_ln, out * ln, atol=2e-2, rtol=1e-2)
+    assert_close(ss, out.float().pow(2).sum(-1).flatten(), rtol=1e-4, atol=1e-3)
+    wg, wu = (torch.randn(inner, n, device="cuda", dtype=torch.bfloat16) * n**-0.5 for _ in range(2))
+    normed = ln * (out.float() * torch.rsqrt(out.float().pow(2).mean(-1, keepdim=True) + eps)).to(out.dtype)
+    expect = torch.nn.functional.silu(normed @ wg.T) * (normed @ wu.T)
+    got = skinny.gate_up(x_ln, wg, wu, skinny.GATE_UP, ss=ss, eps=eps)
+    assert _rel(got, expect) < 1e-2
+    last, none, _ = skinny.linear_residual(x, w, residual)
+    assert none is None and torch.equal(last, out)
+    with pytest.raises(ValueError, match="sums of squares"):
+        skinny.gate_up(x_ln, wg, wu, skinny.GATE_UP, ss=ss[:-1], eps=eps)
+
+
+@pytest.mark.parametrize("b,t,sv", [(1, 64, 576), (2, 37, 100)])
+def test_text_attention_divides_text_rows_by_their_rms(b, t, sv):
+    """text_attention(row_sums=...) on queries and text keys/values projected from rows not yet divided by their
+    RMS equals attention on the divided ones (the visual rows are left as they are)."""
+    torch.manual_seed(t)
+    hq, d, h, eps = 8, 64, 512, 1e-6
+    rows = torch.randn(b, t, h, device="cuda") * 3
+    rstd = torch.rsqrt(rows.pow(2).mean(-1) + eps)  # (B, T)
+    sums = rows.pow(2).sum(-1).flatten()
+    q = torch.randn(b, t, hq * d, device="cuda", dtype=torch.bfloat16)
+    kv = torch.randn(b, sv + t, 2 * hq * d, device="cuda", dtype=torch.bfloat16)
+    ang = torch.arange(sv + t, device="cuda").float()[:, None] * 10000.0 ** (-torch.arange(0, d, 2, device="cuda") / d)
+    cos, sin = (f(torch.cat([ang, ang], -1)).expand(b, -1, -1).to(torch.bfloat16).contiguous()
+                for f in (torch.cos, torch.sin))
+    allowed = torch.ones(b, 1, t, sv + t, dtype=torch.bool, device="cuda")
+    allowed[..., sv:] = torch.tril(allowed[0, 0, :, sv:])
+    bias = torch.zeros(allowed.shape, dtype=torch.bfloat16, device="cuda").masked_fill(~allowed, float("-inf"))
+    divided_q = (q.float() * rstd[..., None]).to(q.dtype)
+    divided_kv = kv.clone()
+    divided_kv[:, sv:] = (kv[:, sv:].float() * rstd[..., None]).to(kv.dtype)
+    ref = text_attention.text_attention(divided_q, divided_kv, cos, sin, bias, d, half_table=True)
+    out = text_attention.text_attention(q, kv, cos, sin, bias, d, half_table=True, row_sums=sums, row_dim=h,
+                                        eps=eps)
+    assert torch.isfinite(out).all() and _rel(out, ref) < 1e-2
+    with pytest.raises(ValueError, match="row_dim"):
+        text_attention.text_attention(q, kv, cos, sin, bias, d, row_sums=sums)
+
+
+@pytest.mark.parametrize("chunk,overlap", [(None, False), (1, True)])
+def test_graphed_skinny_step_matches_compiled_and_reference(chunk, overlap):
+    """step="skinny" (fused.skinny_layer_step: norms deferred into the kernels that read them) computes the
+    reference's function, as the compiled step does, in the CUDA graph and with the visual chunks on a side stream
+    (each layer's last kernel writes the next layer's k/v input rows, after that layer's chunk)."""
+    model = _model("saisa")
+    ids, feats = _prompt(model, seed=4)
+    outs = {}
+    with torch.no_grad():
+        ref = model(input_ids=ids, image_features=feats).logits[:, -1:].float()
+        text_rows = torch.empty(1, ids.shape[1] - 1, 256, device="cuda", dtype=torch.bfloat16)
+        for step in ("compiled", "skinny"):
+            model.optimize_for_inference(compile=True, chunk=chunk, overlap=overlap, step=step)
+            assert model._fused.step == step
+            assert skinny_supported(text_rows, model._fused.layers[0], 32), "the skinny step must serve these rows"
+            graphed = GraphedForward(model, ids, image_features=feats)
+            outs[step] = graphed(feats).float().clone()
+            eager = model(input_ids=ids, image_features=feats).logits[:, -1:].float()
+            assert _rel(eager, outs[step]) < 1e-2
+        model.optimize_for_inference(compile=True)
+        assert model._fused.step == "compiled"
+        with pytest.raises(ValueError, match="needs attention and ffn"):
+            model.optimize_for_inference(compile=True, ffn="aten", step="skinny")
+    assert _rel(outs["skinny"], ref) < 2e-2
+    assert _rel(outs["skinny"], outs["compiled"]) < 2e-2

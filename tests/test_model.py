@@ -390,12 +390,18 @@ def test_compiled_fused_path_computes_the_same_function(backbone, sharing, atten
             model.optimize_for_inference(compile=True, compile_backend="eager", ffn="cutlass")
         with pytest.raises(ValueError, match="unknown attention"):
             model.optimize_for_inference(compile=True, compile_backend="eager", attention="flash")
+        with pytest.raises(ValueError, match="unknown step"):
+            model.optimize_for_inference(compile=True, compile_backend="eager", step="fast")
+        with pytest.raises(ValueError, match="needs attention and ffn 'triton'"):
+            model.optimize_for_inference(compile=True, compile_backend="eager", attention="eager", step="skinny")
         model.optimize_for_inference(compile=True, compile_backend="eager")
+        assert model._fused is None or model._fused.step == "compiled"
         assert model._fused is None or model._fused.attention == "eager", "auto on the CPU: the eager form"
         assert model._fused is None or model._fused.rope_half, "transformers' RoPE tables repeat their first half"
-        model.optimize_for_inference(chunk=2, compile=True, compile_backend="eager", attention=attention)
+        skinny = {"ffn": "triton", "step": "skinny"} if attention == "triton" else {}  # on the CPU: compiled serves
+        model.optimize_for_inference(chunk=2, compile=True, compile_backend="eager", attention=attention, **skinny)
         assert (model._fused is None) == (backbone == "qwen3"), "Qwen3 (k norms) keeps the reference path"
-        assert model._fused is None or model._fused.ffn == "aten", "a model on the CPU: the FFN's GEMMs stay aten's"
+        assert model._fused is None or model._fused.ffn == ("triton" if skinny else "aten"), "aten by default on CPU"
         fast = model(input_ids=ids, pixel_values=pixels).logits
         rows = text_rows(ids[0])
         assert_close(fast[0, rows], ref[0, rows], atol=1e-5, rtol=1e-5)

@@ -10,6 +10,8 @@ Attention has three interchangeable forms in torch (`attend`): at batch 1 a fuse
 text queries one tile, so 32 blocks loop over the keys on a 132-SM H100, where two batched matmuls and a softmax
 spread the same work over the whole GPU (20 against 13 us per layer at t=64: profile-prefill-h100-t64.json); on CUDA
 text_attention's Triton kernels do RoPE, attention and the merge of key spans in two launches (ATTENTION "triton").
+`skinny_layer_step` is the same layer with no norm kernel (STEP "skinny"): each RMSNorm's division by the row's RMS
+is deferred into the kernels that read its output, and the sums of squares come from the GEMM before it.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from .decoder import apply_rope
 ATTEND = ("sdpa", "eager", "flex")  # the forms of `attend`
 ATTENTION = (*ATTEND, "triton")  # text_layer_step's: attend's, or text_attention's kernels
 FFN = ("aten", "triton")  # the forms of the FFN's first half: two GEMMs and SiLU * up, or skinny.gate_up's kernel
+STEP = ("compiled", "skinny")  # a text layer as text_layer_step under torch.compile, or skinny_layer_step
 
 
 class TextLayer(NamedTuple):
@@ -126,6 +129,52 @@ def text_layer_step(
     if ffn == "triton":
         return hidden, F.linear(skinny.gate_up_op(x, w.wg, w.wu), w.wd)
     return hidden, F.linear(F.silu(F.linear(x, w.wg)) * F.linear(x, w.wu), w.wd)
+
+
+def skinny_supported(hidden: torch.Tensor, w: TextLayer, head_dim: int) -> bool:
+    """Whether `skinny_layer_step` can run a layer on these rows: its kernels serve them (skinny.supported for
+    o_proj, gate/up and down_proj, text_attention.supported) and no q/k/v bias (the RMS division it defers to
+    attention commutes with the projections, not with a bias)."""
+    rows = hidden.numel() // hidden.shape[-1]
+    attn, inner = (hidden.new_empty(rows, w_.shape[1]) for w_ in (w.wo, w.wd))
+    return (w.bq is None and w.bkv is None and text_attention.supported(hidden, w.wkv, head_dim)
+            and skinny.supported(hidden, w.wg, w.wu, tiles=skinny.GATE_UP)
+            and skinny.supported(attn, w.wo, tiles=skinny.RESIDUAL)
+            and skinny.supported(inner, w.wd, tiles=skinny.RESIDUAL))
+
+
+def skinny_layer_step(
+    hidden: torch.Tensor,  # (B, T, h): the residual stream
+    x_ln: torch.Tensor,  # (B, T, h): hidden * the input norm's weight, not yet divided by the rows' RMS
+    row_sums: torch.Tensor,  # (B*T,) fp32: the sums of hidden^2 per row (skinny.linear_residual)
+    sums: torch.Tensor,  # (2, B*T) fp32 zeros: this layer's o_proj and down_proj add their rows' sums into them
+    inputs: torch.Tensor,  # (B, Sv + T, h): unit-RMS visual inputs, then `hidden` in the last T rows
+    next_rows: torch.Tensor | None,  # (B, T, h): the next layer's `inputs` text rows, written here; None: last layer
+    attn_bias: torch.Tensor,  # (B, 1, T, Sv + T)
+    cos: torch.Tensor,  # (B, Sv + T, D)
+    sin: torch.Tensor,
+    w: TextLayer,
+    next_ln1: torch.Tensor | None,  # the next layer's input-norm weight (None: last layer)
+    eps: float,
+    head_dim: int,
+    rope_half: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """`text_layer_step`'s function in six kernels, none of them a norm (check `skinny_supported`): the RMSNorms'
+    division by each row's RMS is deferred to the kernels that read their output. A row's RMS is a scalar, so it
+    commutes with the projections: q, and the text rows' k/v (the folded W_kv diag(ln1) of the layer's one k/v GEMM),
+    are projected from the undivided rows and divided inside text_attention; gate/up inside skinny.gate_up. The
+    sums of squares come from the previous GEMM's epilogue (skinny.linear_residual, which also adds the residual and
+    writes the rows times the next norm's weight, and the next layer's k/v input rows). At batch 1 and t=64 each norm
+    is a ~3 us kernel of its own, and so is cuBLAS's split-K reduction of down_proj. Returns the next layer's
+    (hidden, x_ln, row_sums); x_ln None after the last layer."""
+    kv = F.linear(inputs, w.wkv)  # (B, Sv + T, 2k)
+    q = F.linear(x_ln, w.wq)
+    attn = text_attention.text_attention(q, kv, cos, sin, attn_bias, head_dim, half_table=rope_half,
+                                         row_sums=row_sums, row_dim=hidden.shape[-1], eps=eps)
+    hidden, x_ln, row_sums = skinny.linear_residual(attn, w.wo, hidden, w.ln2, sums=sums[0], tiles=skinny.RESIDUAL)
+    inner = skinny.gate_up(x_ln, w.wg, w.wu, skinny.GATE_UP, ss=row_sums, eps=eps)
+    return skinny.linear_residual(inner, w.wd, hidden, next_ln1, rows_out=next_rows, sums=sums[1],
+                                  tiles=skinny.RESIDUAL)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float, kind: str = "sdpa"

@@ -31,7 +31,10 @@ from .decoder import attention_block, check_decoder, feed_forward, query_key_val
 from .fused import (
     ATTENTION,
     FFN,
+    STEP,
     TextLayer,
+    skinny_layer_step,
+    skinny_supported,
     supports_fused,
     text_layer_step,
     text_layer_tensors,
@@ -67,6 +70,7 @@ class FusedPath:
     attention: str = "eager"  # the form of attention (fused.ATTENTION), where the tensors allow it
     rope_half: bool = False  # the RoPE tables repeat their first half (text_attention reads that half only)
     ffn: str = "aten"  # the FFN's first half (fused.FFN), where the rows allow it
+    step: str = "compiled"  # a text layer's form (fused.STEP); "skinny" where fused.skinny_supported, else compiled
     chunks: Chunks = None  # layers per visual chunk (visual_kv.chunk_slices)
 
 
@@ -158,6 +162,7 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         compile_mode: str | None = None,
         ffn: str = "auto",
         compile_options: dict | None = None,
+        step: str = "auto",
     ) -> None:
         """Speed up the saisa prefill without changing its function (inference only; `train()` undoes it).
 
@@ -183,6 +188,12 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         ffn: the compiled text layers' FFN first half (fused.FFN): "triton" runs SiLU(x W_g) * (x W_u) as one
         kernel (skinny.gate_up) wherever a forward has at most skinny.MAX_ROWS text rows on CUDA, "aten" never;
         "auto": "triton" for a model on CUDA where Triton is installed.
+        step: the form of a text layer (fused.STEP): "compiled", text_layer_step under torch.compile; "skinny",
+        fused.skinny_layer_step, 7 kernels a layer instead of 10 and none of them a norm, where its kernels serve
+        the rows (at most skinny.MAX_ROWS text rows, no q/k/v bias; needs attention and ffn "triton"). "auto":
+        "compiled": on an H100 at t=64 the two measured the same (skinny 8.531, compiled 8.526 ms in interleaved
+        rounds, benchmarks/results/profile-prefill-h100-t64-skinny.json): the norms' kernels saved are spent again
+        by the Triton GEMMs, slower than cuBLAS's at o_proj/down_proj.
         """
         if attention not in ("auto", *ATTENTION):
             raise ValueError(f"unknown attention {attention!r}; choose from {('auto', *ATTENTION)}")
@@ -193,6 +204,13 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
             ffn = "triton" if on_cuda and skinny.available() else "aten"
         if attention == "auto":
             attention = "triton" if on_cuda and skinny.available() else "eager"
+        if step not in ("auto", *STEP):
+            raise ValueError(f"unknown step {step!r}; choose from {('auto', *STEP)}")
+        if step == "auto":
+            step = "compiled"
+        elif step == "skinny" and not attention == ffn == "triton":
+            raise ValueError(f"step='skinny' runs text_attention's and skinny's kernels: it needs attention and ffn "
+                             f"'triton' (got {attention!r}, {ffn!r})")
         if compile_options is None and compile_backend == "inductor" and compile_mode is None and on_cuda:
             compile_options = {"combo_kernels": True}  # 8.54 vs 8.63 ms at t=64 (profile-prefill-h100-t64-combo.json)
         if self.config.architecture != "saisa":
@@ -223,6 +241,7 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
                 ],
                 attention=attention,
                 ffn=ffn,
+                step=step,
                 rope_half=self._rope_halves_equal(),
             )
         self.set_prefill_schedule(chunk, overlap)
@@ -486,23 +505,53 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         key_cos, key_sin = torch.cat([vis_cos, cos], dim=1), torch.cat([vis_sin, sin], dim=1)  # (B, Sv + T, D)
         # The float mask SDPA would make from the boolean one in every layer, made once.
         attn_bias = torch.zeros(mask.shape, dtype=hidden.dtype, device=mask.device).masked_fill(~mask, float("-inf"))
-        delta = torch.zeros_like(hidden)
-        main = torch.cuda.current_stream() if stream is not None else None
+        w0 = fused.layers[0]
+        if fused.step == "skinny" and skinny_supported(hidden, w0, head_dim):
+            hidden = self._skinny_layers(hidden, inputs, events, attn_bias, key_cos, key_sin, eps, head_dim)
+        else:
+            hidden = self._compiled_layers(hidden, inputs, events, attn_bias, key_cos, key_sin, eps, head_dim)
+        if cols is not None:  # placeholder rows come back as zeros (their logits carry no meaning)
+            hidden = text_h.new_zeros(text_h.shape).scatter(1, cols.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]),
+                                                            hidden)
+        return hidden
+
+    def _compiled_layers(self, hidden, inputs, events, attn_bias, cos, sin, eps, head_dim) -> torch.Tensor:
+        """The text layers as the compiled fused.text_layer_step, each waiting for its visual chunk's event."""
+        fused = self._fused
         w0 = fused.layers[0]
         ffn = "triton" if fused.ffn == "triton" and skinny.supported(hidden, w0.wg, w0.wu, tiles=skinny.GATE_UP) \
             else "aten"
         attention = fused.attention
         if attention == "triton" and not text_attention.supported(hidden, w0.wkv, head_dim):
             attention = "eager"
+        delta = torch.zeros_like(hidden)
         for i, weights in enumerate(fused.layers):
             if events[i] is not None:
-                main.wait_event(events[i])
-            hidden, delta = fused.text(hidden, delta, inputs[i], attn_bias, key_cos, key_sin, weights, eps, head_dim,
+                torch.cuda.current_stream().wait_event(events[i])
+            hidden, delta = fused.text(hidden, delta, inputs[i], attn_bias, cos, sin, weights, eps, head_dim,
                                        attention, ffn, fused.rope_half)
-        hidden = hidden + delta
-        if cols is not None:  # placeholder rows come back as zeros (their logits carry no meaning)
-            hidden = text_h.new_zeros(text_h.shape).scatter(1, cols.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]),
-                                                            hidden)
+        return hidden + delta
+
+    def _skinny_layers(self, hidden, inputs, events, attn_bias, cos, sin, eps, head_dim) -> torch.Tensor:
+        """The text layers as fused.skinny_layer_step: the first layer's norm inputs made here, each later one's by
+        the previous layer's last kernel, which also writes the next layer's k/v input rows (so it waits for that
+        layer's visual chunk when it runs on a side stream)."""
+        layers, t = self._fused.layers, hidden.shape[1]
+        if events[0] is not None:
+            torch.cuda.current_stream().wait_event(events[0])
+        inputs[0][:, -t:] = hidden
+        x_ln = hidden * layers[0].ln1
+        row_sums = hidden.float().pow(2).sum(-1).flatten()  # (B*T,)
+        sums = row_sums.new_zeros(len(layers), 2, row_sums.shape[0])  # every layer's, zeroed in one kernel
+        for i, w in enumerate(layers):
+            last = i + 1 == len(layers)
+            if not last and events[i + 1] is not None:
+                torch.cuda.current_stream().wait_event(events[i + 1])
+            hidden, x_ln, row_sums = skinny_layer_step(
+                hidden, x_ln, row_sums, sums[i], inputs[i], None if last else inputs[i + 1][:, -t:], attn_bias, cos,
+                sin, w,
+                None if last else layers[i + 1].ln1, eps, head_dim, self._fused.rope_half,
+            )
         return hidden
 
     def _layer(self, layer, hidden, vis_h, vis_kv, cos, sin, vis_cos, vis_sin, mask, cache, index):

@@ -6,8 +6,11 @@ pipeline of loads. `gate_up` reads W_gate and W_up in the same loop and applies 
 FFN's first half in one kernel: 2.70 TB/s at Vicuna-7B's shapes on an H100 against 2.39 for cuBLAS's two GEMMs and
 the product, so the compiled text layers use it (fused.FFN). `linear` alone only matched cuBLAS (q/o/down_proj,
 2.3-2.5 TB/s both; benchmarks/results/skinny-gemms-h100-t64.json): scripts/profile_skinny.py measures it, the model
-keeps aten's. Triton is imported lazily: the functions exist on every machine, and `supported` says when they can
-run (CUDA, Triton, shapes that tile).
+keeps aten's. `linear_residual` is `linear` with an epilogue that makes the next RMSNorm free: the residual add,
+the rows times the norm's weight, the rows' sums of squares (fp32 atomics); `gate_up` then divides by the RMS
+(fused.skinny_layer_step). At o_proj it took 15.8 us against 16.7 for cuBLAS + the add and norm, at down_proj
+39.7 against 40.0 (skinny-residual-coresident-h100-t64.json, "residual"). Triton is imported lazily: the
+functions exist on every machine, and `supported` says when they can run (CUDA, Triton, shapes that tile).
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ DEFAULT = Tiles()
 # Measured fastest at 64 rows on an H100 (scripts/profile_skinny.py, benchmarks/results/skinny-gemms-h100-t64.json):
 # SiLU(x W_g^T) * (x W_u^T) for Vicuna-7B's FFN at 2.70 TB/s, against 2.39 for cuBLAS's two GEMMs and the product.
 GATE_UP = Tiles(block_n=32, block_k=128, stages=6, warps=4)
+# o_proj and down_proj with skinny.linear_residual's epilogue: the fastest `linear` tiles at those shapes there.
+RESIDUAL = Tiles(block_n=32, block_k=128, stages=6, warps=4)
 MAX_ROWS = 64  # more rows: GATE_UP's pipeline no longer fits in shared memory, and the GEMM nears compute-bound
 
 
@@ -48,8 +53,8 @@ def triton_modules():
 
 
 @functools.cache
-def _triton():
-    """The kernels, compiled on first use (None where Triton is missing)."""
+def kernels():
+    """The kernels and a jitted helper other kernels call, compiled on first use (None where Triton is missing)."""
     if triton_modules() is None:
         return None
     triton, tl = triton_modules()
@@ -79,8 +84,13 @@ def _triton():
             tl.atomic_add(y_ptrs, acc, mask=rows, sem="relaxed")
 
     @triton.jit
-    def gate_up_kernel(x_ptr, wg_ptr, wu_ptr, y_ptr, M, K, stride_xm, stride_wn, stride_ym,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _rstd(ss_ptr, offs_m, rows, inv_n, eps):
+        """1 / RMS of rows `offs_m` (1 where not `rows`) from their sums of squares (linear_residual_kernel's)."""
+        return tl.where(rows, tl.rsqrt(tl.load(ss_ptr + offs_m, mask=rows, other=0.0) * inv_n + eps), 1.0)
+
+    @triton.jit
+    def gate_up_kernel(x_ptr, wg_ptr, wu_ptr, y_ptr, ss_ptr, M, K, stride_xm, stride_wn, stride_ym, eps,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE: tl.constexpr):
         pid_n = tl.program_id(0)
         offs_m = tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -96,24 +106,67 @@ def _triton():
             up = tl.dot(x, tl.trans(tl.load(wu_ptr + w_off)), up)
             x_ptrs += BLOCK_K
             w_off += BLOCK_K
+        if SCALE:  # x is the norm's weight times the rows, not yet divided by their RMS: do it here
+            rstd = _rstd(ss_ptr, offs_m, offs_m < M, 1.0 / K, eps)[:, None]
+            gate, up = gate * rstd, up * rstd
         # As the reference rounds them: gate and up to the output dtype, SiLU in fp32, the product rounded once more.
         dtype = y_ptr.dtype.element_ty
         g = gate.to(dtype).to(tl.float32)
         h = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32) * up.to(dtype).to(tl.float32)
         tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], h.to(dtype), mask=rows)
 
-    return triton, linear_kernel, gate_up_kernel
+    @triton.jit
+    def linear_residual_kernel(x_ptr, w_ptr, res_ptr, out_ptr, rows_ptr, ln_ptr, xln_ptr, ss_ptr, M, K, T,
+                               stride_xm, stride_wn, stride_rb, stride_rt, stride_ob, stride_ot, stride_wb, stride_wt,
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                               ROWS: tl.constexpr, LN: tl.constexpr):
+        pid_n = tl.program_id(0)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        rows = offs_m[:, None] < M
+        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
+        w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for _ in range(0, K, BLOCK_K):
+            acc = tl.dot(tl.load(x_ptrs, mask=rows, other=0.0), tl.trans(tl.load(w_ptrs)), acc)
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        # As the reference rounds: the product to the output dtype, then the residual add, rounded once more.
+        dtype = out_ptr.dtype.element_ty
+        b, t = offs_m[:, None] // T, offs_m[:, None] % T  # rows are (batch, text position)
+        res = tl.load(res_ptr + b * stride_rb + t * stride_rt + offs_n[None, :], mask=rows, other=0.0)
+        h = (res.to(tl.float32) + acc.to(dtype).to(tl.float32)).to(dtype)
+        tl.store(out_ptr + b * stride_ob + t * stride_ot + offs_n[None, :], h, mask=rows)
+        if ROWS:  # a second copy: the text rows of the next layer's k/v input
+            tl.store(rows_ptr + b * stride_wb + t * stride_wt + offs_n[None, :], h, mask=rows)
+        h32 = h.to(tl.float32)
+        tl.atomic_add(ss_ptr + offs_m, tl.sum(h32 * h32, 1), mask=offs_m < M, sem="relaxed")  # this block's share
+        if LN:  # the next norm's weight times the rows; the consumer divides by the RMS
+            ln = tl.load(ln_ptr + offs_n).to(tl.float32)
+            tl.store(xln_ptr + offs_m[:, None] * (tl.num_programs(0) * BLOCK_N) + offs_n[None, :],
+                     (h32 * ln[None, :]).to(dtype), mask=rows)
+
+    return _Kernels(triton, linear_kernel, gate_up_kernel, linear_residual_kernel, _rstd)
+
+
+class _Kernels(NamedTuple):
+    triton: object
+    linear: object
+    gate_up: object
+    linear_residual: object
+    rstd: object  # a @triton.jit helper other kernels call (text_attention's)
 
 
 def available() -> bool:
     """A CUDA device and Triton: where this package's Triton kernels (here and in text_attention) can run at all."""
-    return torch.cuda.is_available() and _triton() is not None
+    return torch.cuda.is_available() and kernels() is not None
 
 
 def supported(x: torch.Tensor, *weights: torch.Tensor, tiles: Tiles = DEFAULT) -> bool:
     """Whether the kernels can compute x W^T for these tensors: CUDA, Triton present, at most MAX_ROWS rows, every
     weight (N, K) contiguous with N a multiple of block_n and K of block_k * split_k, x's last dim K."""
-    if not x.is_cuda or _triton() is None:
+    if not x.is_cuda or kernels() is None:
         return False
     rows = x.numel() // x.shape[-1]
     n, k = weights[0].shape
@@ -129,7 +182,7 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 def linear(x: torch.Tensor, w: torch.Tensor, tiles: Tiles = DEFAULT) -> torch.Tensor:
     """x (..., K) @ w (N, K)^T -> (..., N), without bias (check `supported` first)."""
-    triton, kernel, _ = _triton()
+    triton, kernel = kernels().triton, kernels().linear
     x2 = _rows(x)
     m, k = x2.shape
     n = w.shape[0]
@@ -144,19 +197,75 @@ def linear(x: torch.Tensor, w: torch.Tensor, tiles: Tiles = DEFAULT) -> torch.Te
     return y.to(x.dtype).view(*x.shape[:-1], n) if split > 1 else y.view(*x.shape[:-1], n)
 
 
-def gate_up(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, tiles: Tiles = DEFAULT) -> torch.Tensor:
-    """SiLU(x wg^T) * (x wu^T), (..., K) -> (..., N), in one kernel (split_k is ignored)."""
-    triton, _, kernel = _triton()
+def gate_up(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, tiles: Tiles = DEFAULT,
+            ss: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
+    """SiLU(x wg^T) * (x wu^T), (..., K) -> (..., N), in one kernel (split_k is ignored). ss: the partial sums of
+    squares `linear_residual` returned with x = its rows times the norm's weight: x is then divided by the rows'
+    RMS (eps as the norm's) first, so the norm costs no kernel of its own."""
+    triton, kernel = kernels().triton, kernels().gate_up
     x2 = _rows(x)
     m, k = x2.shape
     n = wg.shape[0]
     y = x.new_empty(m, n)
+    if ss is not None:
+        check_sums(ss, m)
     kernel[(n // tiles.block_n,)](
-        x2, wg, wu, y, m, k, x2.stride(0), wg.stride(0), y.stride(0),
+        x2, wg, wu, y, y if ss is None else ss, m, k, x2.stride(0), wg.stride(0), y.stride(0), eps,
         BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
-        num_stages=tiles.stages, num_warps=tiles.warps,
+        SCALE=ss is not None, num_stages=tiles.stages, num_warps=tiles.warps,
     )
     return y.view(*x.shape[:-1], n)
+
+
+def check_sums(ss: torch.Tensor, rows: int) -> None:
+    """Raise unless `ss` is what linear_residual returns as the sums of squares of `rows` rows."""
+    if ss.shape != (rows,) or ss.dtype != torch.float32 or not ss.is_contiguous():
+        raise ValueError(f"sums of squares must be a contiguous fp32 ({rows},) tensor from linear_residual, "
+                         f"got {ss.dtype} {tuple(ss.shape)}")
+
+
+def linear_residual(
+    x: torch.Tensor,  # (B, T, K)
+    w: torch.Tensor,  # (N, K)
+    residual: torch.Tensor,  # (B, T, N); any row strides
+    ln: torch.Tensor | None = None,  # (N,): the next RMSNorm's weight
+    rows_out: torch.Tensor | None = None,  # (B, T, N) view to write the sum into as well
+    sums: torch.Tensor | None = None,  # (B*T,) fp32 zeros to add the sums of squares into
+    tiles: Tiles = DEFAULT,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """h = residual + x w^T, rounded as the reference rounds (product, then sum), and what the next RMSNorm needs
+    without a kernel of its own: (h (B, T, N), h * ln (B, T, N) or None, the sums of h^2 per row (B*T,) fp32).
+    The consumer (gate_up, text_attention) divides by the RMS they give. Each program adds its block of columns'
+    share to `sums` (zeros; None: allocated here) by fp32 atomics, so their last bits depend on the order the
+    programs finish in. `rows_out`: h is also written there (the next layer's k/v input rows). Check `supported`
+    first."""
+    triton, kernel = kernels().triton, kernels().linear_residual
+    b, t, k = x.shape
+    n = w.shape[0]
+    if residual.shape != (b, t, n) or (rows_out is not None and rows_out.shape != residual.shape) or (
+            ln is not None and ln.shape != (n,)) or residual.stride(-1) != 1 or (
+            rows_out is not None and rows_out.stride(-1) != 1):
+        raise ValueError(f"linear_residual: x {tuple(x.shape)}, w {tuple(w.shape)}, residual "
+                         f"{tuple(residual.shape)}, rows_out {None if rows_out is None else tuple(rows_out.shape)}, "
+                         f"ln {None if ln is None else tuple(ln.shape)}: expected residual and rows_out (B, T, N) "
+                         "with contiguous rows, ln (N,)")
+    x2 = _rows(x)
+    m = b * t
+    out = residual.new_empty(b, t, n)
+    xln = out.new_empty(b, t, n) if ln is not None else None
+    if sums is None:
+        sums = torch.zeros(m, dtype=torch.float32, device=x.device)
+    check_sums(sums, m)
+    ss = sums
+    dest = rows_out if rows_out is not None else out
+    kernel[(n // tiles.block_n,)](
+        x2, w, residual, out, dest, out if ln is None else ln, out if xln is None else xln, ss, m, k, t,
+        x2.stride(0), w.stride(0), residual.stride(0), residual.stride(1), out.stride(0), out.stride(1),
+        dest.stride(0), dest.stride(1),
+        BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        ROWS=rows_out is not None, LN=ln is not None, num_stages=tiles.stages, num_warps=tiles.warps,
+    )
+    return out, xln, ss
 
 
 

@@ -5,8 +5,10 @@ per query head would leave most of an H100's 132 SMs idle and walk the keys seri
 the keys instead (split-K over keys, as flash-decoding does), rotates its queries and keys with RoPE as they are
 loaded (the k/v GEMM's output is read unrotated, in place), and keeps an online softmax; a second kernel merges the
 spans by their log-sum-exp and writes (B, T, Hq * D), o_proj's input layout. This replaces the six kernels of
-`fused.attend(kind="eager")` plus the two RoPEs and the transpose. Triton is imported lazily; `supported` says
-where the kernels run (CUDA, Triton (skinny.available), head_dim a power of two from 32 to 128).
+`fused.attend(kind="eager")` plus the two RoPEs and the transpose. With `row_sums` the text rows' q and k/v come
+from rows not yet divided by their RMS (fused.skinny_layer_step), and the division is done here, per query row and
+per text key. Triton is imported lazily; `supported` says where the kernels run (CUDA, Triton (skinny.available),
+head_dim a power of two from 32 to 128).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import functools
 
 import torch
 
+from . import skinny
 from .skinny import triton_modules
 
 MAX_HEAD_DIM = 128
@@ -27,6 +30,7 @@ def _triton():
     if triton_modules() is None:
         return None
     triton, tl = triton_modules()
+    _rstd = skinny.kernels().rstd
 
     @triton.jit
     def _rotated(ptrs, cos_ptrs, sin_ptrs, half: tl.constexpr, mask, HALF_TABLE: tl.constexpr):
@@ -45,12 +49,12 @@ def _triton():
         return (lo32 * c_lo - hi32 * s_lo).to(lo.dtype), (hi32 * c_hi + lo32 * s_hi).to(lo.dtype)
 
     @triton.jit
-    def span_kernel(q_ptr, kv_ptr, cos_ptr, sin_ptr, bias_ptr, o_ptr, acc_ptr, ml_ptr, T, S, span, t_pad,
-                    qk_scale, log2e,
+    def span_kernel(q_ptr, kv_ptr, cos_ptr, sin_ptr, bias_ptr, o_ptr, acc_ptr, ml_ptr, ss_ptr, T, S, span, t_pad,
+                    qk_scale, log2e, inv_h, eps,
                     stride_qb, stride_qt, stride_kb, stride_ks, v_col, stride_cb, stride_cs,
                     stride_bb, stride_bt, stride_bs, stride_ob, stride_ot,
                     GROUP: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr, HALF_TABLE: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr, SCALE: tl.constexpr):
         half: tl.constexpr = D // 2
         part = tl.program_id(0) % SPLIT
         offs_m = (tl.program_id(0) // SPLIT) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -61,6 +65,8 @@ def _triton():
         q_rows = q_ptr + b * stride_qb + offs_m[:, None] * stride_qt + head * D + dh
         q_pos = b * stride_cb + (S - T + offs_m[:, None]) * stride_cs + dh  # the queries are the last T key rows
         q_lo, q_hi = _rotated(q_rows, cos_ptr + q_pos, sin_ptr + q_pos, half, rows[:, None], HALF_TABLE)
+        if SCALE:  # the text rows' RMS division, deferred from their norm (row_sums): queries' into the scale
+            q_scale = _rstd(ss_ptr, b * T + offs_m, rows, inv_h, eps) * qk_scale
         kv_base = kv_ptr + b * stride_kb + (head // GROUP) * D
         m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         l_i = tl.zeros((BLOCK_M,), tl.float32)
@@ -76,7 +82,15 @@ def _triton():
             scores = tl.dot(q_hi, tl.trans(k_hi), tl.dot(q_lo, tl.trans(k_lo)))  # (BLOCK_M, BLOCK_N) fp32
             bias = tl.load(bias_ptr + b * stride_bb + offs_m[:, None] * stride_bt + offs_n[None, :] * stride_bs,
                            mask=rows[:, None] & keys[None, :], other=float("-inf")).to(tl.float32)
-            scores = scores * qk_scale + bias * log2e  # log2 domain: exp2 below
+            if SCALE:  # text keys (the last T rows) are divided by their RMS too; visual keys by 1
+                k_scale = tl.full((BLOCK_N,), 1.0, tl.float32)
+                if n0 + BLOCK_N > S - T:
+                    text = offs_n - (S - T)
+                    k_scale = _rstd(ss_ptr, b * T + text, (text >= 0) & keys, inv_h, eps)
+                    scores = scores * k_scale[None, :]
+                scores = scores * q_scale[:, None] + bias * log2e
+            else:
+                scores = scores * qk_scale + bias * log2e  # log2 domain: exp2 below
             m_new = tl.maximum(m_i, tl.max(scores, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key so far: keep exp2 finite
             p = tl.exp2(scores - m_use[:, None])
@@ -84,7 +98,10 @@ def _triton():
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(kv_base + v_col + offs_n[:, None] * stride_ks + tl.arange(0, D)[None, :], mask=keys[:, None],
                         other=0.0)
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+            if SCALE:  # values of text rows divided by their RMS: their weights here, not the sum l_i
+                acc = tl.dot((p * k_scale[None, :]).to(v.dtype), v, acc * alpha[:, None])
+            else:
+                acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
             m_i = m_new
         if SPLIT == 1:
             out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -152,10 +169,15 @@ def text_attention(
     block_n: int = 64,
     stages: int = 2,
     warps: int = 4,
+    row_sums: torch.Tensor | None = None,
+    row_dim: int = 0,
+    eps: float = 0.0,
 ) -> torch.Tensor:
     """softmax(rope(q) rope(k)^T * scale + bias) v for every query head -> (B, T, Hq * D) (check `supported`
     first). half_table: cos/sin repeat their first half (transformers' RoPE), so only it is read. split: key
-    spans per (batch, head, query block); None: enough to give every SM a program."""
+    spans per (batch, head, query block); None: enough to give every SM a program. row_sums: skinny.linear_residual's
+    sums of squares (B*T,) of the text rows (row_dim wide), which q and the last T rows of kv were
+    projected from without dividing by their RMS (eps: the norm's): each query and text key/value is divided here."""
     b, t, qd = q.shape
     s = kv.shape[1]
     hkv = kv.shape[-1] // (2 * head_dim)
@@ -172,6 +194,10 @@ def text_attention(
                          f"and a power-of-two head_dim from 32 to {MAX_HEAD_DIM}; got {q.dtype} q on {q.device}, "
                          f"{kv.dtype} kv, head_dim {head_dim} (check supported() and use fused.attend otherwise)")
     triton, span_kernel, merge_kernel = _triton()
+    if row_sums is not None:
+        skinny.check_sums(row_sums, b * t)
+        if row_dim < 1:
+            raise ValueError("text_attention: row_sums needs row_dim, the width of the rows they were summed over")
     block_m = min(64, max(16, triton.next_power_of_2(t)))
     q_blocks = triton.cdiv(t, block_m)
     key_blocks = triton.cdiv(s, block_n)
@@ -187,12 +213,12 @@ def text_attention(
     else:
         acc = ml = out
     span_kernel[(q_blocks * split, hq, b)](
-        q, kv, cos, sin, bias, out, acc, ml, t, s, span, t_pad,
-        (head_dim**-0.5 if scale is None else scale) * LOG2E, LOG2E,
+        q, kv, cos, sin, bias, out, acc, ml, out if row_sums is None else row_sums, t, s, span, t_pad,
+        (head_dim**-0.5 if scale is None else scale) * LOG2E, LOG2E, 1.0 / max(row_dim, 1), eps,
         q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), hkv * head_dim, cos.stride(0), cos.stride(1),
         bias.stride(0), bias.stride(2), bias.stride(3), out.stride(0), out.stride(1),
         GROUP=hq // hkv, D=head_dim, SPLIT=split, HALF_TABLE=half_table, BLOCK_M=block_m, BLOCK_N=block_n,
-        STAGES=stages, num_warps=warps,
+        STAGES=stages, SCALE=row_sums is not None, num_warps=warps,
     )
     if split > 1:
         merge_block = 16
