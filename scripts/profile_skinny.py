@@ -400,8 +400,7 @@ def coresident_section(rows: int, layers: int, dev, sv: int = 576) -> dict:
                         "gate_up 2 stages (49 KB)": skinny.Tiles(32, 128, 2, 4)}.items():
         text = [lambda w=w, t=tiles: skinny.gate_up(x, w[0], w[1], t) for w in ffn]
         row = {"text_us": round(graph_us(text) * layers, 1)}
-        for vname, vcall in {"triton_mm": lambda w: triton_mm(w), "cublas": lambda w: F.linear(vis, w)
-                             }.items():
+        for vname, vcall in {"triton_mm": triton_mm, "cublas": lambda w: F.linear(vis, w)}.items():
             visual = [lambda w=w, f=vcall: f(w) for w in vw]
             alone = graph_us(visual) * layers
             together = graph_us(both(text, visual), reps=20)

@@ -136,11 +136,9 @@ def skinny_supported(hidden: torch.Tensor, w: TextLayer, head_dim: int) -> bool:
     o_proj, gate/up and down_proj, text_attention.supported) and no q/k/v bias (the RMS division it defers to
     attention commutes with the projections, not with a bias)."""
     rows = hidden.numel() // hidden.shape[-1]
-    attn, inner = (hidden.new_empty(rows, w_.shape[1]) for w_ in (w.wo, w.wd))
     return (w.bq is None and w.bkv is None and text_attention.supported(hidden, w.wkv, head_dim)
             and skinny.supported(hidden, w.wg, w.wu, tiles=skinny.GATE_UP)
-            and skinny.supported(attn, w.wo, tiles=skinny.RESIDUAL)
-            and skinny.supported(inner, w.wd, tiles=skinny.RESIDUAL))
+            and all(skinny.fits(rows, w_.shape[1], hidden, w_, tiles=skinny.RESIDUAL) for w_ in (w.wo, w.wd)))
 
 
 def skinny_layer_step(

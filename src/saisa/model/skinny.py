@@ -60,23 +60,30 @@ def kernels():
     triton, tl = triton_modules()
 
     @triton.jit
-    def linear_kernel(x_ptr, w_ptr, y_ptr, M, K, stride_xm, stride_wn, stride_ym,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
-        pid_n = tl.program_id(0)
-        span = K // SPLIT_K
+    def _rows_dot(x_ptr, w_ptr, M, k0, k_len, stride_xm, stride_wn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr):
+        """x[:, k0:k0 + k_len] W[block, k0:k0 + k_len]^T in fp32 for this program's block of W's rows (all of x's
+        rows): (acc (BLOCK_M, BLOCK_N), offs_m, offs_n)."""
         offs_m = tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_k = tl.program_id(1) * span + tl.arange(0, BLOCK_K)
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
         rows = offs_m[:, None] < M
         x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
         w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for _ in range(0, span, BLOCK_K):
-            x = tl.load(x_ptrs, mask=rows, other=0.0)
-            w = tl.load(w_ptrs)
-            acc = tl.dot(x, tl.trans(w), acc)
+        for _ in range(0, k_len, BLOCK_K):
+            acc = tl.dot(tl.load(x_ptrs, mask=rows, other=0.0), tl.trans(tl.load(w_ptrs)), acc)
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
+        return acc, offs_m, offs_n
+
+    @triton.jit
+    def linear_kernel(x_ptr, w_ptr, y_ptr, M, K, stride_xm, stride_wn, stride_ym,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+        span = K // SPLIT_K
+        acc, offs_m, offs_n = _rows_dot(x_ptr, w_ptr, M, tl.program_id(1) * span, span, stride_xm, stride_wn,
+                                        BLOCK_M, BLOCK_N, BLOCK_K)
+        rows = offs_m[:, None] < M
         y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
         if SPLIT_K == 1:
             tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=rows)
@@ -120,18 +127,8 @@ def kernels():
                                stride_xm, stride_wn, stride_rb, stride_rt, stride_ob, stride_ot, stride_wb, stride_wt,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                                ROWS: tl.constexpr, LN: tl.constexpr):
-        pid_n = tl.program_id(0)
-        offs_m = tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_k = tl.arange(0, BLOCK_K)
+        acc, offs_m, offs_n = _rows_dot(x_ptr, w_ptr, M, 0, K, stride_xm, stride_wn, BLOCK_M, BLOCK_N, BLOCK_K)
         rows = offs_m[:, None] < M
-        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
-        w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :]
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for _ in range(0, K, BLOCK_K):
-            acc = tl.dot(tl.load(x_ptrs, mask=rows, other=0.0), tl.trans(tl.load(w_ptrs)), acc)
-            x_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K
         # As the reference rounds: the product to the output dtype, then the residual add, rounded once more.
         dtype = out_ptr.dtype.element_ty
         b, t = offs_m[:, None] // T, offs_m[:, None] % T  # rows are (batch, text position)
@@ -166,13 +163,17 @@ def available() -> bool:
 def supported(x: torch.Tensor, *weights: torch.Tensor, tiles: Tiles = DEFAULT) -> bool:
     """Whether the kernels can compute x W^T for these tensors: CUDA, Triton present, at most MAX_ROWS rows, every
     weight (N, K) contiguous with N a multiple of block_n and K of block_k * split_k, x's last dim K."""
-    if not x.is_cuda or kernels() is None:
+    return fits(x.numel() // x.shape[-1], x.shape[-1], x, *weights, tiles=tiles)
+
+
+def fits(rows: int, k: int, like: torch.Tensor, *weights: torch.Tensor, tiles: Tiles = DEFAULT) -> bool:
+    """`supported` for an x of `rows` rows of width k, with the device and dtype of `like` (x need not exist)."""
+    if not like.is_cuda or kernels() is None:
         return False
-    rows = x.numel() // x.shape[-1]
-    n, k = weights[0].shape
-    return (rows <= MAX_ROWS and x.shape[-1] == k and n % tiles.block_n == 0
+    n = weights[0].shape[0]
+    return (rows <= MAX_ROWS and weights[0].shape[1] == k and n % tiles.block_n == 0
             and k % (tiles.block_k * tiles.split_k) == 0
-            and all(w.shape == (n, k) and w.is_contiguous() and w.dtype == x.dtype for w in weights))
+            and all(w.shape == (n, k) and w.is_contiguous() and w.dtype == like.dtype for w in weights))
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
