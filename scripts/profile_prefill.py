@@ -32,9 +32,10 @@ from saisa.bench.setting import PRESETS
 from saisa.bench.systems import SAISA_SCHEDULES, build_ours, make_inputs
 from saisa.bench.timing import free_memory, time_fn
 from saisa.model.fused import ATTENTION, attend
+from saisa.model.graphs import BLAS, GraphedForward, preferred_blas
 
 # name -> optimize_for_inference arguments (compile=True, fold=True throughout; "blas": torch's preferred BLAS
-# library while the graph is captured). The bench's saisa_graphs runs one of saisa.bench.systems.SAISA_SCHEDULES
+# library while the graph is captured, default graphs.BLAS). The bench's saisa_graphs runs one of saisa.bench.systems.SAISA_SCHEDULES
 # (eager attention), the fastest per shape; until 2026-11-22 it ran "eager" (= its "overlap"). Tried in order;
 # LATE ones (minutes of compile) run only when named, after the timelines and pieces.
 VARIANTS = {
@@ -52,6 +53,9 @@ VARIANTS = {
     "serial-no-combo": {**SAISA_SCHEDULES["serial"], "attention": "eager", "compile_options": {}},
     # text_attention's kernels (RoPE, scores, softmax and values over key spans, a merge) for the eager form's.
     "serial-triton-attn": {**SAISA_SCHEDULES["serial"], "attention": "triton", "step": "compiled"},
+    "serial-triton-attn-cublas": {**SAISA_SCHEDULES["serial"], "attention": "triton", "step": "compiled",
+                                  "blas": "cublas"},
+    "overlap-triton-attn": {**SAISA_SCHEDULES["overlap"], "attention": "triton", "step": "compiled"},
     # fused.skinny_layer_step (no norm kernels: the RMS division deferred into the kernels that read the norms).
     "serial-skinny": {**SAISA_SCHEDULES["serial"], "attention": "triton", "step": "skinny"},
     "overlap-skinny": {**SAISA_SCHEDULES["overlap"], "attention": "triton", "step": "skinny"},
@@ -78,28 +82,18 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 # ----------------------------------------------------------------------------------------------------- (1) variants
 def run_variant(model, s, kw: dict, ref: torch.Tensor, device, smoke: bool) -> tuple[dict, Callable]:
     """Time the prefill under `kw`: a CUDA-graph replay on the GPU, the compiled forward on the CPU (smoke)."""
-    from saisa.model.graphs import GraphedForward
-
     row: dict = {"settings": {k: v for k, v in kw.items()}}
     kw = dict(kw)
-    blas = kw.pop("blas", None)
-    old_blas = torch.backends.cuda.preferred_blas_library() if blas and device.type == "cuda" else None
+    blas = kw.pop("blas", BLAS)  # the GEMMs' library is fixed when the graph is captured
     t0 = time.perf_counter()
-    try:
-        if old_blas is not None:  # the GEMMs' library is fixed when the graph is captured
-            torch.backends.cuda.preferred_blas_library(blas)
-        model.optimize_for_inference(compile=True, compile_backend="eager" if smoke else "inductor", dynamic=False,
-                                     **kw)
-        with torch.no_grad():
-            if device.type == "cuda":
-                graph = GraphedForward(model, s.ids, None, s.features, logits_to_keep=1)
-                run = lambda i=0: graph(s.features)
-            else:
-                run = lambda i=0: model(input_ids=s.ids, image_features=s.features, logits_to_keep=1).logits
-                run()
-    finally:
-        if old_blas is not None:
-            torch.backends.cuda.preferred_blas_library(old_blas)
+    model.optimize_for_inference(compile=True, compile_backend="eager" if smoke else "inductor", dynamic=False, **kw)
+    with torch.no_grad():
+        if device.type == "cuda":
+            graph = GraphedForward(model, s.ids, None, s.features, logits_to_keep=1, blas=blas)
+            run = lambda i=0: graph(s.features)
+        else:
+            run = lambda i=0: model(input_ids=s.ids, image_features=s.features, logits_to_keep=1).logits
+            run()
     row["build_s"] = round(time.perf_counter() - t0, 1)
     with torch.no_grad():
         timing = time_fn(run, device, warmup=5, repeats=5 if smoke else 50)
@@ -311,11 +305,8 @@ def pieces(model, t: int, device, extra: tuple[str, ...] = ()) -> dict:
     out: dict[str, dict] = {}
     for name, (fn, flops, nbytes) in items.items():
         library = blas.get(name) if device.type == "cuda" else None
-        old = torch.backends.cuda.preferred_blas_library() if library else None
         try:
-            if library:  # the library is fixed when the graph is captured
-                torch.backends.cuda.preferred_blas_library(library)
-            with torch.no_grad():
+            with torch.no_grad(), preferred_blas(library):  # the library is fixed when the graph is captured
                 for i in range(min(3, n)):  # warm-up (compiles the attention)
                     fn(i)
                 if device.type == "cuda":
@@ -332,9 +323,6 @@ def pieces(model, t: int, device, extra: tuple[str, ...] = ()) -> dict:
                          "weight_gb_per_s": round(nbytes / us / 1e3, 1)}
         except Exception as err:  # noqa: BLE001 - a piece that cannot run is reported, not fatal
             out[name] = {"error": f"{type(err).__name__}: {str(err)[:200]}"}
-        finally:
-            if old is not None:
-                torch.backends.cuda.preferred_blas_library(old)
         print(f"  {name:48s} {json.dumps(out[name])}", flush=True)
     items.clear()
     gate_up = None  # the [W_gate; W_up] copies go before the caller goes on

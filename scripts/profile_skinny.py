@@ -6,8 +6,10 @@ Sections: "gemms", every tiling of saisa.model.skinny's kernels at the text GEMM
 device-to-device copy bandwidth); "attention", q_proj + RoPE + attention, the compiled reference against
 saisa.model.text_attention's kernels in several settings ("attention-ncu": a few launches of them, to run under
 Nsight Compute); "residual", o_proj and down_proj as skinny.linear_residual in every tiling against cuBLAS plus
-the residual add and norm it replaces; "grouped", q_proj in the k/v GEMM's launch (torch._grouped_mm); "coresident", the visual GEMMs on a side stream
-inside the FFN kernel's SMs; "prefetch", whether an L2 prefetch of W_q issued before the k/v GEMM
+the residual add and norm it replaces; "grouped", q_proj in the k/v GEMM's launch (torch._grouped_mm); "coresident",
+the visual GEMMs on a side stream inside the FFN kernel's SMs; "overlap", the per-layer projector MLPs on a
+low-priority side stream beside a whole text layer's GEMMs; "carveout", q_proj on a side stream beside the k/v GEMM,
+which cuBLASLt is told to leave SMs free for; "prefetch", whether an L2 prefetch of W_q issued before the k/v GEMM
 hides q_proj's weight reads. Prints tables; JSON to --out (rewritten after each part).
 
     PYTHONPATH=src python3 scripts/profile_skinny.py --out $OUT/skinny.json --sections gemms --quick
@@ -30,6 +32,7 @@ from saisa.model import skinny
 from saisa.model import text_attention as text_attention_module
 from saisa.model.decoder import apply_rope
 from saisa.model.fused import attend, key_value
+from saisa.model.graphs import preferred_blas as graphs_preferred_blas
 from saisa.model.text_attention import text_attention
 
 SHAPES = {  # name -> (N, K, weights per call); Vicuna-7B: h 4096, FFN 11008
@@ -412,6 +415,180 @@ def coresident_section(rows: int, layers: int, dev, sv: int = 576) -> dict:
     return out
 
 
+def overlap_section(rows: int, layers: int, dev, sv: int = 576, d: int = 1024) -> dict:
+    """Could SAISA's per-layer projector MLPs (compute-bound) run beside the text layers' kernels (memory-bound)?
+    Main stream (high priority): each layer's k/v GEMM over its visual + text rows, q_proj, o_proj, the FFN (gate_up
+    in the given tiles, cuBLAS down_proj). Side stream (low priority): each layer's projector, Z W1^T, GELU, then
+    W2, as cuBLAS's GEMMs or a plain Triton GEMM in small tiles (short-lived blocks with little shared memory, which
+    can slot in beside the text kernels' blocks). Each alone and both in one graph (fork and join, no other
+    dependency: an upper bound for a schedule whose projector runs ahead of the layers); saved_us = main + side -
+    both. Whether a side-stream schedule can beat the serial one at t=64 (profile-prefill: "overlap" was 0.28 ms
+    slower with cuBLAS's GEMMs)."""
+    triton, tl = skinny.triton_modules()
+
+    @triton.jit
+    def mm_kernel(a_ptr, b_ptr, c_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, GELU: tl.constexpr):
+        pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        a = a_ptr + offs_m[:, None] * K + offs_k[None, :]
+        b = b_ptr + offs_n[:, None] * K + offs_k[None, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for _ in range(0, K, BLOCK_K):
+            acc = tl.dot(tl.load(a, mask=offs_m[:, None] < M, other=0.0), tl.trans(tl.load(b)), acc)
+            a += BLOCK_K
+            b += BLOCK_K
+        if GELU:
+            acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
+        tl.store(c_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(tl.bfloat16), mask=offs_m[:, None] < M)
+
+    h, inner = 4096, 11008
+    bf = {"device": dev, "dtype": torch.bfloat16}
+    x = torch.randn(rows, h, **bf)
+    kv_in = torch.randn(sv + rows, h, **bf)
+    z = torch.randn(sv, d, **bf)
+    text = [{"wq": torch.randn(h, h, **bf) * h**-0.5, "wkv": torch.randn(2 * h, h, **bf) * h**-0.5,
+             "wo": torch.randn(h, h, **bf) * h**-0.5, "wg": torch.randn(inner, h, **bf) * h**-0.5,
+             "wu": torch.randn(inner, h, **bf) * h**-0.5, "wd": torch.randn(h, inner, **bf) * inner**-0.5}
+            for _ in range(layers)]
+    proj = [(torch.randn(h, d, **bf) * d**-0.5, torch.randn(h, h, **bf) * h**-0.5) for _ in range(layers)]
+    hid = torch.empty(sv, h, **bf)
+    pout = torch.empty(sv, h, **bf)
+    out = {"copy_tb_per_s": round(copy_tbps(), 3)}
+
+    def text_layer(w, tiles):
+        F.linear(kv_in, w["wkv"])
+        F.linear(x, w["wq"])
+        F.linear(x, w["wo"])
+        F.linear(skinny.gate_up(x, w["wg"], w["wu"], tiles), w["wd"])
+
+    def cublas_proj(w):
+        torch.mm(F.gelu(F.linear(z, w[0])), w[1].t(), out=pout)
+
+    def triton_proj(w, bm, bn, bk, stages, warps):
+        grid = (triton.cdiv(sv, bm), h // bn)
+        mm_kernel[grid](z, w[0], hid, sv, h, d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GELU=True,
+                        num_stages=stages, num_warps=warps)
+        mm_kernel[grid](hid, w[1], pout, sv, h, h, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GELU=False,
+                        num_stages=stages, num_warps=warps)
+
+    ref = F.linear(F.gelu(F.linear(z, proj[0][0])), proj[0][1])
+    sides = {"cublas": cublas_proj}
+    for bm, bn, bk, stages, warps in ((128, 128, 64, 3, 8), (64, 128, 64, 3, 4), (128, 64, 64, 3, 4),
+                                      (64, 64, 64, 4, 4)):
+        name = f"triton {bm}x{bn}x{bk} s{stages} w{warps}"
+        fn = lambda w, a=(bm, bn, bk, stages, warps): triton_proj(w, *a)
+        fn(proj[0])
+        out[f"{name} rel_err"] = round(((pout.float() - ref.float()).norm() / ref.float().norm()).item(), 5)
+        sides[name] = fn
+    high = torch.cuda.Stream(dev, priority=-5)  # clamped to the device's highest
+    low = torch.cuda.Stream(dev, priority=0)
+
+    def timed(calls_main, calls_side, reps=20):
+        def run():
+            if calls_side:
+                low.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(low):
+                    for c in calls_side:
+                        c()
+            for c in calls_main:
+                c()
+            if calls_side:
+                torch.cuda.current_stream().wait_stream(low)
+        for _ in range(2):
+            run()
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, stream=high):
+            run()
+        g.replay()
+        times = []
+        for _ in range(reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            g.replay()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) * 1000)
+        del g
+        return round(statistics.median(times), 1)
+
+    for tname, tiles in {"gate_up 6 stages": skinny.GATE_UP, "gate_up 3 stages": skinny.Tiles(32, 128, 3, 4)}.items():
+        main = [lambda w=w, t=tiles: text_layer(w, t) for w in text]
+        row = {"main_us": timed(main, [])}
+        for sname, fn in sides.items():
+            side = [lambda w=w, f=fn: f(w) for w in proj]
+            alone = timed([], side)
+            both = timed(main, side)
+            row[sname] = {"side_us": alone, "both_us": both, "saved_us": round(row["main_us"] + alone - both, 1),
+                          "vs_serial_cublas_us": None}
+        serial = row["main_us"] + row["cublas"]["side_us"]
+        for sname in sides:
+            row[sname]["vs_serial_cublas_us"] = round(row[sname]["both_us"] - serial, 1)
+        out[tname] = row
+        print(tname, json.dumps(row))
+    return out
+
+
+def carveout_section(rows: int, layers: int, dev, sv: int = 576) -> dict:
+    """Can q_proj (memory-bound) run beside the k/v GEMM over the visual + text rows (compute-bound), which at
+    t=64 is 128 blocks on an H100's 132 SMs? Per layer, q_proj on a side stream forked and joined around the k/v
+    GEMM, with cuBLASLt told to leave `carveout` SMs to other work (torch._C._set_sm_carveout_experimental, read
+    when the GEMM is launched, so set around the k/v GEMM's capture only); q_proj as cuBLASLt's GEMM or skinny.linear.
+    Each figure: us per layer of one CUDA graph over all layers (distinct weights)."""
+    h = 4096
+    bf = {"device": dev, "dtype": torch.bfloat16}
+    x = torch.randn(rows, h, **bf)
+    kv_in = torch.randn(sv + rows, h, **bf)
+    wq = [torch.randn(h, h, **bf) * h**-0.5 for _ in range(layers)]
+    wkv = [torch.randn(2 * h, h, **bf) * h**-0.5 for _ in range(layers)]
+    side = torch.cuda.Stream(dev)
+    out = {"copy_tb_per_s": round(copy_tbps(), 3)}
+
+    def kv_gemm(i, carve):
+        if carve:
+            torch._C._set_sm_carveout_experimental(carve)
+        try:
+            return F.linear(kv_in, wkv[i])
+        finally:
+            if carve:
+                torch._C._set_sm_carveout_experimental(None)
+
+    def q_gemm(i, how):
+        return skinny.linear(x, wq[i], skinny.Tiles(32, 128, 6, 4)) if how == "triton" else F.linear(x, wq[i])
+
+    def layer(i, carve, how, parallel):
+        if not parallel:
+            kv_gemm(i, carve)
+            q_gemm(i, how)
+            return
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            q_gemm(i, how)
+        kv_gemm(i, carve)
+        torch.cuda.current_stream().wait_stream(side)
+
+    with graphs_preferred_blas("cublaslt"):
+        out["kv alone"] = round(graph_us([lambda i=i: kv_gemm(i, 0) for i in range(layers)]), 2)
+        out["q alone (cublaslt)"] = round(graph_us([lambda i=i: q_gemm(i, "cublas") for i in range(layers)]), 2)
+        out["q alone (triton)"] = round(graph_us([lambda i=i: q_gemm(i, "triton") for i in range(layers)]), 2)
+        out["serial"] = round(graph_us([lambda i=i: layer(i, 0, "cublas", False) for i in range(layers)]), 2)
+        for carve in (0, 4, 8, 12, 16, 24, 32):
+            out[f"kv alone, carveout {carve}"] = round(graph_us([lambda i=i, c=carve: kv_gemm(i, c)
+                                                                 for i in range(layers)]), 2)
+            for how in ("cublas", "triton"):
+                try:
+                    out[f"parallel, carveout {carve}, q {how}"] = round(graph_us(
+                        [lambda i=i, c=carve, w=how: layer(i, c, w, True) for i in range(layers)]), 2)
+                except Exception as e:  # noqa: BLE001 (record and go on)
+                    out[f"parallel, carveout {carve}, q {how}"] = f"{type(e).__name__}: {str(e)[:120]}"
+            print({k: v for k, v in out.items() if f"carveout {carve}" in k}, flush=True)
+    print(out)
+    return out
+
+
 def _rms_norm(x, w, eps=1e-5):
     x32 = x.float()
     return w * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
@@ -446,6 +623,14 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(results, indent=1))
     if "grouped" in sections:
         results["grouped"] = grouped_section(args.rows, args.layers, dev)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=1))
+    if "carveout" in sections:
+        results["carveout"] = carveout_section(args.rows, args.layers, dev)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=1))
+    if "overlap" in sections:
+        results["overlap"] = overlap_section(args.rows, args.layers, dev)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=1))
     if "coresident" in sections:

@@ -3,11 +3,34 @@
 Unusual here: the layout (positions, image slots, mask inputs) is built once on the host before capture, so the
 captured region has no host synchronisation; inputs are copied into static buffers before each replay. At batch 1
 the eager prefill is launch-bound (hundreds of small kernels per forward), and this is what removes that overhead.
+The GEMMs are captured through cuBLASLt by default (torch's preferred BLAS library, set while capturing and put
+back after): at t=64 its kernels for the text GEMMs were faster than cuBLAS's (see BLAS).
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
+
+# torch's preferred BLAS library while a graph is captured (None: as set). On an H100 at t=64, cuBLASLt's kernels for
+# q/o/down_proj (one kernel each, no split-K reduction) made the prefill 8.507 against 8.570 ms with cuBLAS in
+# interleaved rounds (benchmarks/results/profile-prefill-h100-t64-lt.json).
+BLAS = "cublaslt"
+
+
+@contextmanager
+def preferred_blas(library: str | None):
+    """torch.backends.cuda.preferred_blas_library(library) inside the block, the previous one after."""
+    if library is None:
+        yield
+        return
+    old = torch.backends.cuda.preferred_blas_library()
+    torch.backends.cuda.preferred_blas_library(library)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.preferred_blas_library(old)
 
 
 class GraphedForward:
@@ -21,6 +44,7 @@ class GraphedForward:
         image_features: torch.Tensor | None = None,
         logits_to_keep: int = 1,
         warmup: int = 3,
+        blas: str | None = BLAS,
     ) -> None:
         if not torch.cuda.is_available():
             raise RuntimeError("GraphedForward needs a CUDA device")
@@ -37,16 +61,17 @@ class GraphedForward:
         )
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
-        with torch.no_grad(), torch.cuda.stream(side):
-            for _ in range(warmup):
-                self._run()
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        # Captured on a high-priority stream: the text layers (memory-bound) are then scheduled ahead of the
-        # visual path when it runs on the model's side stream (compute-bound), so the two can share the SMs.
-        capture = torch.cuda.Stream(device, priority=-1)
-        with torch.no_grad(), torch.cuda.graph(self.graph, stream=capture):
-            self.logits = self._run()
+        with preferred_blas(blas):
+            with torch.no_grad(), torch.cuda.stream(side):
+                for _ in range(warmup):
+                    self._run()
+            torch.cuda.current_stream(device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            # Captured on a high-priority stream: the text layers (memory-bound) are then scheduled ahead of the
+            # visual path when it runs on the model's side stream (compute-bound), so the two can share the SMs.
+            capture = torch.cuda.Stream(device, priority=-1)
+            with torch.no_grad(), torch.cuda.graph(self.graph, stream=capture):
+                self.logits = self._run()
 
     def __call__(self, image_features: torch.Tensor | None = None, input_ids: torch.Tensor | None = None):
         """Replay with new inputs of the captured shapes; returns the static logits buffer (copy it to keep it)."""
