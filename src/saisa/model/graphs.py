@@ -14,8 +14,8 @@ from contextlib import contextmanager
 import torch
 
 # torch's preferred BLAS library while a graph is captured (None: as set). On an H100 at t=64, cuBLASLt's kernels for
-# q/o/down_proj (one kernel each, no split-K reduction) made the prefill 8.507 against 8.570 ms with cuBLAS in
-# interleaved rounds (benchmarks/results/profile-prefill-h100-t64-lt.json).
+# q/o/down_proj (one kernel each, no split-K reduction) made the prefill 8.485 against 8.588 ms with cuBLAS in
+# interleaved rounds (benchmarks/results/profile-prefill-h100-t64-lt.json, scripts/profile_prefill.py).
 BLAS = "cublaslt"
 
 
