@@ -19,6 +19,7 @@ hides q_proj's weight reads. Prints tables; JSON to --out (rewritten after each 
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import statistics
@@ -43,13 +44,14 @@ SHAPES = {  # name -> (N, K, weights per call); Vicuna-7B: h 4096, FFN 11008
 }
 
 
-def graph_us(calls, reps: int = 30) -> float:
-    """Median microseconds per call of `calls` (a list of thunks) replayed as one CUDA graph."""
+def graph_us(calls, reps: int = 30, stream: torch.cuda.Stream | None = None) -> float:
+    """Median microseconds per call of `calls` (a list of thunks) replayed as one CUDA graph (captured on
+    `stream`: its priority is the graph's)."""
     for c in calls:
         c()
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
+    with torch.cuda.graph(g, stream=stream):
         for c in calls:
             c()
     g.replay()
@@ -63,6 +65,52 @@ def graph_us(calls, reps: int = 30) -> float:
         times.append(a.elapsed_time(b) * 1000 / len(calls))
     del g
     return statistics.median(times)
+
+
+@functools.cache
+def plain_mm():
+    """A plain Triton GEMM C = A B^T (bf16 out; gelu: exact GELU on the way out) with no pipelining tricks: blocks
+    of little shared memory, for the co-residency probes."""
+    triton, tl = skinny.triton_modules()
+
+    @triton.jit
+    def mm_kernel(a_ptr, b_ptr, c_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, GELU: tl.constexpr):
+        pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        a = a_ptr + offs_m[:, None] * K + offs_k[None, :]
+        b = b_ptr + offs_n[:, None] * K + offs_k[None, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for _ in range(0, K, BLOCK_K):
+            acc = tl.dot(tl.load(a, mask=offs_m[:, None] < M, other=0.0), tl.trans(tl.load(b)), acc)
+            a += BLOCK_K
+            b += BLOCK_K
+        if GELU:
+            acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
+        tl.store(c_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(tl.bfloat16), mask=offs_m[:, None] < M)
+
+    def run(a, b, c, bm=128, bn=128, bk=64, stages=3, warps=8, gelu=False):
+        m, k = a.shape
+        n = b.shape[0]
+        mm_kernel[(triton.cdiv(m, bm), n // bn)](a, b, c, m, n, k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GELU=gelu,
+                                                 num_stages=stages, num_warps=warps)
+    return run
+
+
+def fork_join(main_calls, side_calls, side: torch.cuda.Stream):
+    """A thunk: `side_calls` on the side stream (after what the current stream has queued), `main_calls` on the
+    current one, which then waits for the side stream."""
+    def run():
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for c in side_calls:
+                c()
+        for c in main_calls:
+            c()
+        torch.cuda.current_stream().wait_stream(side)
+    return run
 
 
 def kernel_us(calls) -> dict[str, float]:
@@ -351,24 +399,6 @@ def coresident_section(rows: int, layers: int, dev, sv: int = 576) -> dict:
     of the visual rows' shape (576 x 4096 x 4096) on a side stream, each alone and both in one CUDA graph (fork and
     join); cuBLAS's GEMM in the same place for comparison. Both at once in near max(alone) time means each SM
     shares its issue slots and tensor cores between the two; near their sum, that the blocks do not co-reside."""
-    triton, tl = skinny.triton_modules()
-
-    @triton.jit
-    def mm_kernel(a_ptr, b_ptr, c_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr):
-        pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_k = tl.arange(0, BLOCK_K)
-        a = a_ptr + offs_m[:, None] * K + offs_k[None, :]
-        b = b_ptr + offs_n[:, None] * K + offs_k[None, :]
-        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        for _ in range(0, K, BLOCK_K):
-            acc = tl.dot(tl.load(a, mask=offs_m[:, None] < M, other=0.0), tl.trans(tl.load(b)), acc)
-            a += BLOCK_K
-            b += BLOCK_K
-        tl.store(c_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(tl.bfloat16), mask=offs_m[:, None] < M)
-
     h, inner = 4096, 11008
     x = torch.randn(rows, h, device=dev, dtype=torch.bfloat16)
     ffn = [[torch.randn(inner, h, device=dev, dtype=torch.bfloat16) * h**-0.5 for _ in range(2)]
@@ -378,9 +408,8 @@ def coresident_section(rows: int, layers: int, dev, sv: int = 576) -> dict:
     vout = torch.empty(sv, h, device=dev, dtype=torch.bfloat16)
     out = {"copy_tb_per_s": round(copy_tbps(), 3)}
 
-    def triton_mm(w, bm=128, bn=128, bk=64, stages=3, warps=8):
-        mm_kernel[(triton.cdiv(sv, bm), h // bn)](vis, w, vout, sv, h, h, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                                                   num_stages=stages, num_warps=warps)
+    def triton_mm(w):
+        plain_mm()(vis, w, vout)
 
     ref = F.linear(vis, vw[0])
     triton_mm(vw[0])
@@ -388,15 +417,7 @@ def coresident_section(rows: int, layers: int, dev, sv: int = 576) -> dict:
     side = torch.cuda.Stream(dev)
 
     def both(text_calls, vis_calls):
-        def run():
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for c in vis_calls:
-                    c()
-            for c in text_calls:
-                c()
-            torch.cuda.current_stream().wait_stream(side)
-        return [run]
+        return [fork_join(text_calls, vis_calls, side)]
 
     for name, tiles in {"gate_up 6 stages (192 KB)": skinny.GATE_UP,
                         "gate_up 3 stages (73 KB)": skinny.Tiles(32, 128, 3, 4),
@@ -424,26 +445,6 @@ def overlap_section(rows: int, layers: int, dev, sv: int = 576, d: int = 1024) -
     dependency: an upper bound for a schedule whose projector runs ahead of the layers); saved_us = main + side -
     both. Whether a side-stream schedule can beat the serial one at t=64 (profile-prefill: "overlap" was 0.28 ms
     slower with cuBLAS's GEMMs)."""
-    triton, tl = skinny.triton_modules()
-
-    @triton.jit
-    def mm_kernel(a_ptr, b_ptr, c_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr, GELU: tl.constexpr):
-        pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_k = tl.arange(0, BLOCK_K)
-        a = a_ptr + offs_m[:, None] * K + offs_k[None, :]
-        b = b_ptr + offs_n[:, None] * K + offs_k[None, :]
-        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        for _ in range(0, K, BLOCK_K):
-            acc = tl.dot(tl.load(a, mask=offs_m[:, None] < M, other=0.0), tl.trans(tl.load(b)), acc)
-            a += BLOCK_K
-            b += BLOCK_K
-        if GELU:
-            acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
-        tl.store(c_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(tl.bfloat16), mask=offs_m[:, None] < M)
-
     h, inner = 4096, 11008
     bf = {"device": dev, "dtype": torch.bfloat16}
     x = torch.randn(rows, h, **bf)
@@ -467,12 +468,9 @@ def overlap_section(rows: int, layers: int, dev, sv: int = 576, d: int = 1024) -
     def cublas_proj(w):
         torch.mm(F.gelu(F.linear(z, w[0])), w[1].t(), out=pout)
 
-    def triton_proj(w, bm, bn, bk, stages, warps):
-        grid = (triton.cdiv(sv, bm), h // bn)
-        mm_kernel[grid](z, w[0], hid, sv, h, d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GELU=True,
-                        num_stages=stages, num_warps=warps)
-        mm_kernel[grid](hid, w[1], pout, sv, h, h, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GELU=False,
-                        num_stages=stages, num_warps=warps)
+    def triton_proj(w, *tiles):
+        plain_mm()(z, w[0], hid, *tiles, gelu=True)
+        plain_mm()(hid, w[1], pout, *tiles)
 
     ref = F.linear(F.gelu(F.linear(z, proj[0][0])), proj[0][1])
     sides = {"cublas": cublas_proj}
@@ -486,34 +484,8 @@ def overlap_section(rows: int, layers: int, dev, sv: int = 576, d: int = 1024) -
     high = torch.cuda.Stream(dev, priority=-5)  # clamped to the device's highest
     low = torch.cuda.Stream(dev, priority=0)
 
-    def timed(calls_main, calls_side, reps=20):
-        def run():
-            if calls_side:
-                low.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(low):
-                    for c in calls_side:
-                        c()
-            for c in calls_main:
-                c()
-            if calls_side:
-                torch.cuda.current_stream().wait_stream(low)
-        for _ in range(2):
-            run()
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, stream=high):
-            run()
-        g.replay()
-        times = []
-        for _ in range(reps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            g.replay()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) * 1000)
-        del g
-        return round(statistics.median(times), 1)
+    def timed(calls_main, calls_side):
+        return round(graph_us([fork_join(calls_main, calls_side, low)], reps=20, stream=high), 1)
 
     for tname, tiles in {"gate_up 6 stages": skinny.GATE_UP, "gate_up 3 stages": skinny.Tiles(32, 128, 3, 4)}.items():
         main = [lambda w=w, t=tiles: text_layer(w, t) for w in text]
@@ -564,11 +536,7 @@ def carveout_section(rows: int, layers: int, dev, sv: int = 576) -> dict:
             kv_gemm(i, carve)
             q_gemm(i, how)
             return
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            q_gemm(i, how)
-        kv_gemm(i, carve)
-        torch.cuda.current_stream().wait_stream(side)
+        fork_join([lambda: kv_gemm(i, carve)], [lambda: q_gemm(i, how)], side)()
 
     with graphs_preferred_blas("cublaslt"):
         out["kv alone"] = round(graph_us([lambda i=i: kv_gemm(i, 0) for i in range(layers)]), 2)
