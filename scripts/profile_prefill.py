@@ -53,13 +53,25 @@ VARIANTS = {
     "serial-no-combo": {**SAISA_SCHEDULES["serial"], "attention": "eager", "compile_options": {}},
     # text_attention's kernels (RoPE, scores, softmax and values over key spans, a merge) for the eager form's.
     "serial-triton-attn": {**SAISA_SCHEDULES["serial"], "attention": "triton", "step": "compiled"},
+    "serial-auto": {**SAISA_SCHEDULES["serial"]},  # optimize_for_inference's defaults (the bench's engine)
     "serial-triton-attn-cublas": {**SAISA_SCHEDULES["serial"], "attention": "triton", "step": "compiled",
                                   "blas": "cublas"},
     "overlap-triton-attn": {**SAISA_SCHEDULES["overlap"], "attention": "triton", "step": "compiled"},
-    # fused.skinny_layer_step (no norm kernels: the RMS division deferred into the kernels that read the norms).
-    "serial-skinny": {**SAISA_SCHEDULES["serial"], "attention": "triton", "step": "skinny"},
-    "overlap-skinny": {**SAISA_SCHEDULES["overlap"], "attention": "triton", "step": "skinny"},
-    "head8-skinny": {**SAISA_SCHEDULES["head8"], "attention": "triton", "step": "skinny"},
+    # fused.skinny_layer_step (no norm kernels: the RMS division deferred into the kernels that read the norms),
+    # its kernels launched in turn.
+    "serial-skinny": {**SAISA_SCHEDULES["serial"], "attention": "triton", "step": "skinny", "pdl": False},
+    "overlap-skinny": {**SAISA_SCHEDULES["overlap"], "attention": "triton", "step": "skinny", "pdl": False},
+    "head8-skinny": {**SAISA_SCHEDULES["head8"], "attention": "triton", "step": "skinny", "pdl": False},
+    # The skinny step with every kernel but the k/v GEMM a programmatic dependent launch (q_proj a Triton GEMM).
+    "serial-skinny-pdl": {**SAISA_SCHEDULES["serial"], "attention": "triton", "step": "skinny", "pdl": True},
+    # The projector's GELU in its tanh form, in the first GEMM's cuBLASLt epilogue (not LLaVA's erf form).
+    "serial-triton-attn-tanh": {**SAISA_SCHEDULES["serial"], "attention": "triton", "step": "compiled",
+                                "gelu": "tanh"},
+    "serial-skinny-pdl-tanh": {**SAISA_SCHEDULES["serial"], "attention": "triton", "step": "skinny", "pdl": True,
+                               "gelu": "tanh"},
+    # The layout's tensors (masks, RoPE tables) made again in every replay, as before 2026-11-22 (probe only).
+    "serial-triton-attn-no-tables": {**SAISA_SCHEDULES["serial"], "attention": "triton", "step": "compiled",
+                                     "tables": False},
     "flex": {"chunk": 1, "overlap": True, "attention": "flex"},  # newest kernels last: a fault spoils what follows
     "eager-autotune": {"chunk": 1, "overlap": True, "attention": "eager",
                        "compile_mode": "max-autotune-no-cudagraphs"},
@@ -85,8 +97,11 @@ def run_variant(model, s, kw: dict, ref: torch.Tensor, device, smoke: bool) -> t
     row: dict = {"settings": {k: v for k, v in kw.items()}}
     kw = dict(kw)
     blas = kw.pop("blas", BLAS)  # the GEMMs' library is fixed when the graph is captured
+    keep_tables = kw.pop("tables", True)
     t0 = time.perf_counter()
     model.optimize_for_inference(compile=True, compile_backend="eager" if smoke else "inductor", dynamic=False, **kw)
+    if not keep_tables:  # a cache that forgets: every call (and so the graph) makes the layout's tensors again
+        model._fused.tables = _Forgetful()
     with torch.no_grad():
         if device.type == "cuda":
             graph = GraphedForward(model, s.ids, None, s.features, logits_to_keep=1, blas=blas)
@@ -100,6 +115,11 @@ def run_variant(model, s, kw: dict, ref: torch.Tensor, device, smoke: bool) -> t
         row.update(ms=round(timing.median_ms, 3), p10_ms=round(timing.p10_ms, 3), p90_ms=round(timing.p90_ms, 3))
         row["rel_err_vs_reference"] = rel_err(run(), ref)
     return row, run
+
+
+class _Forgetful(dict):
+    def __setitem__(self, key, value) -> None:
+        pass
 
 
 def interleaved(runs: dict[str, Callable], device, rounds: int, repeats: int) -> dict[str, dict]:

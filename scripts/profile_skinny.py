@@ -10,7 +10,8 @@ the residual add and norm it replaces; "grouped", q_proj in the k/v GEMM's launc
 the visual GEMMs on a side stream inside the FFN kernel's SMs; "overlap", the per-layer projector MLPs on a
 low-priority side stream beside a whole text layer's GEMMs; "carveout", q_proj on a side stream beside the k/v GEMM,
 which cuBLASLt is told to leave SMs free for; "prefetch", whether an L2 prefetch of W_q issued before the k/v GEMM
-hides q_proj's weight reads. Prints tables; JSON to --out (rewritten after each part).
+hides q_proj's weight reads; "pdl", whole skinny text layers with their kernels launched in turn against
+programmatic dependent launches that prefetch weight lines before waiting. Prints tables; JSON to --out (rewritten after each part).
 
     PYTHONPATH=src python3 scripts/profile_skinny.py --out $OUT/skinny.json --sections gemms --quick
     PYTHONPATH=src python3 scripts/profile_skinny.py --out $OUT/attention.json --sections attention
@@ -316,6 +317,93 @@ def prefetch_section(layers: int, dev) -> dict:
     return {k: round(v, 2) if isinstance(v, float) else v for k, v in out.items()}
 
 
+def pdl_section(rows: int, layers: int, dev, sv: int = 576, rounds: int = 5, tiles: bool = False) -> dict:
+    """n text layers of fused.skinny_layer_step in one graph: kernels launched in turn, against programmatic
+    dependent launches (pdl) with 0 to 32 lines of each weight row prefetched to L2 before the wait (tiles: with 4
+    lines, other tilings of the GEMMs instead); checked against the serial chain's output, timed in interleaved
+    rounds (median of the rounds' medians, us per layer)."""
+    from saisa.model.fused import TextLayer, skinny_layer_step
+
+    h, f, hd, eps = 4096, 11008, 128, 1e-5
+    s_all = sv + rows
+    mk = lambda *shape: torch.randn(*shape, device=dev, dtype=torch.bfloat16) * shape[-1] ** -0.5
+    ws = [TextLayer(ln1=1 + 0.1 * torch.randn(h, device=dev, dtype=torch.bfloat16), wq=mk(h, h), bq=None,
+                    wkv=mk(2 * h, h), bkv=None, wo=mk(h, h), ln2=1 + 0.1 * torch.randn(h, device=dev,
+                    dtype=torch.bfloat16), wg=mk(f, h), wu=mk(f, h), wd=mk(h, f)) for _ in range(layers)]
+    inputs = [torch.randn(1, s_all, h, device=dev, dtype=torch.bfloat16) for _ in range(layers)]
+    cos, sin = rope_tables(1, s_all, hd, dev)
+    bias = torch.zeros(1, 1, rows, s_all, device=dev, dtype=torch.bfloat16)
+    bias[..., sv:] = torch.triu(torch.full((rows, rows), float("-inf"), device=dev), 1).to(torch.bfloat16)
+    hidden0 = torch.randn(1, rows, h, device=dev, dtype=torch.bfloat16)
+    x0 = hidden0 * ws[0].ln1
+    ss0 = hidden0.float().pow(2).sum(-1).flatten()
+    sums = torch.zeros(layers, 2, rows, device=dev)
+    result: list[torch.Tensor] = []
+
+    def chain(pdl: bool, prefetch: int):
+        def run():
+            sums.zero_()
+            hidden, x_ln, ss = hidden0, x0, ss0
+            for i, w in enumerate(ws):
+                last = i + 1 == layers
+                hidden, x_ln, ss = skinny_layer_step(
+                    hidden, x_ln, ss, sums[i], inputs[i], None if last else inputs[i + 1][:, -rows:], bias, cos,
+                    sin, w, None if last else ws[i + 1].ln1, eps, hd, True, pdl=pdl, prefetch=prefetch)
+            result[:] = [hidden]
+        return run
+
+    # name -> (pdl, prefetch, (q/o/down_proj tiles, gate_up tiles) or None for skinny.RESIDUAL and GATE_UP)
+    settings = {"serial": (False, 0, None), **{f"pdl, prefetch {p}": (True, p, None) for p in (0, 4, 8, 16, 32)}}
+    if tiles:
+        T = skinny.Tiles
+        settings = {"serial": (False, 0, None), "pdl, prefetch 4": (True, 4, None)}
+        for res, gu in ((T(16, 128, 4, 4), None), (T(16, 128, 6, 4), None), (T(64, 128, 3, 4), None),
+                        (T(32, 128, 4, 4), None), (T(32, 256, 3, 4), None), (None, T(16, 128, 6, 4)),
+                        (None, T(32, 128, 4, 4)), (None, T(32, 64, 8, 4)), (None, T(64, 128, 3, 8))):
+            name = f"pdl, prefetch 4, {'residual ' + str(tuple(res)[:4]) if res else ''}" \
+                   f"{'gate_up ' + str(tuple(gu)[:4]) if gu else ''}"
+            settings[name] = (True, 4, (res, gu))
+    out: dict = {"checks": {}, "us_per_layer": {}}
+    default_tiles = (skinny.RESIDUAL, skinny.GATE_UP)
+    chain(False, 0)()
+    ref = result[0].float().clone()
+    graphs = {}
+    for name, (pdl, p, tried) in settings.items():
+        skinny.RESIDUAL = (tried or (None, None))[0] or default_tiles[0]  # read by skinny_layer_step at capture
+        skinny.GATE_UP = (tried or (None, None))[1] or default_tiles[1]
+        try:
+            run = chain(pdl, p)
+            run()
+            out["checks"][name] = round(((result[0].float() - ref).norm() / ref.norm()).item(), 6)
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                run()
+            g.replay()
+            torch.cuda.synchronize()
+            out["checks"][name + " (graph)"] = round(((result[0].float() - ref).norm() / ref.norm()).item(), 6)
+            graphs[name] = g
+        except Exception as e:  # noqa: BLE001 (a compile or launch error: record it, time the rest)
+            out["checks"][name] = f"{type(e).__name__}: {str(e)[:300]}"
+    skinny.RESIDUAL, skinny.GATE_UP = default_tiles
+    medians: dict[str, list[float]] = {name: [] for name in graphs}
+    for _ in range(rounds):
+        for name, g in graphs.items():
+            times = []
+            for _ in range(20):
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                g.replay()
+                b.record()
+                b.synchronize()
+                times.append(a.elapsed_time(b) * 1000 / layers)
+            medians[name].append(statistics.median(times))
+    out["us_per_layer"] = {name: round(statistics.median(m), 2) for name, m in medians.items()}
+    out["round_us"] = {name: [round(x, 2) for x in m] for name, m in medians.items()}
+    print("pdl:", out["checks"], out["us_per_layer"])
+    return out
+
+
 def residual_section(rows: int, layers: int, budget_s: float, quick: bool, dev) -> dict:
     """o_proj and down_proj as skinny.linear_residual (residual add, the next norm's weight, sums of squares in the
     epilogue) in each tiling, against what it replaces in the compiled step: cuBLAS's GEMM, then the residual add
@@ -607,6 +695,11 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(results, indent=1))
     if "prefetch" in sections:
         results["prefetch"] = prefetch_section(args.layers, dev)
+        Path(args.out).write_text(json.dumps(results, indent=1))
+    if "pdl" in sections or "pdl-tiles" in sections:
+        key = "pdl" if "pdl" in sections else "pdl-tiles"
+        results[key] = pdl_section(args.rows, args.layers, dev, tiles=key == "pdl-tiles")
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=1))
     for name, (n, k, per) in SHAPES.items() if "gemms" in sections else ():
         x = torch.randn(args.rows, k, device=dev, dtype=torch.bfloat16)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import IMAGE_TOKEN_ID, random_ids, tiny_config, tiny_text_config
 from torch.testing import assert_close
 
@@ -304,24 +305,86 @@ def test_text_attention_divides_text_rows_by_their_rms(b, t, sv):
 def test_graphed_skinny_step_matches_compiled_and_reference(chunk, overlap):
     """step="skinny" (fused.skinny_layer_step: norms deferred into the kernels that read them) computes the
     reference's function, as the compiled step does, in the CUDA graph and with the visual chunks on a side stream
-    (each layer's last kernel writes the next layer's k/v input rows, after that layer's chunk)."""
+    (each layer's last kernel writes the next layer's k/v input rows, after that layer's chunk); so does it with
+    pdl (each kernel but the k/v GEMM launched while the one before still runs, waiting for its writes)."""
     model = _model("saisa")
     ids, feats = _prompt(model, seed=4)
     outs = {}
     with torch.no_grad():
         ref = model(input_ids=ids, image_features=feats).logits[:, -1:].float()
         text_rows = torch.empty(1, ids.shape[1] - 1, 256, device="cuda", dtype=torch.bfloat16)
-        for step in ("compiled", "skinny"):
-            model.optimize_for_inference(compile=True, chunk=chunk, overlap=overlap, step=step)
-            assert model._fused.step == step
+        forms = {"compiled": {"step": "compiled"}, "skinny": {"step": "skinny", "pdl": False}}
+        if skinny.pdl_supported(torch.device("cuda")):  # programmatic dependent launches: Hopper and later
+            forms["skinny-pdl"] = {"step": "skinny", "pdl": True}
+        for name, form in forms.items():
+            model.optimize_for_inference(compile=True, chunk=chunk, overlap=overlap, **form)
+            assert model._fused.step == form["step"] and model._fused.pdl == form.get("pdl", False)
             assert skinny_supported(text_rows, model._fused.layers[0], 32), "the skinny step must serve these rows"
             graphed = GraphedForward(model, ids, image_features=feats)
-            outs[step] = graphed(feats).float().clone()
+            outs[name] = graphed(feats).float().clone()
             eager = model(input_ids=ids, image_features=feats).logits[:, -1:].float()
-            assert _rel(eager, outs[step]) < 1e-2
+            assert _rel(eager, outs[name]) < 1e-2
         model.optimize_for_inference(compile=True)
-        assert model._fused.step == "compiled"
+        auto = "skinny" if skinny.pdl_supported(torch.device("cuda")) else "compiled"
+        assert model._fused.step == auto and model._fused.pdl == (auto == "skinny"), "auto: skinny with pdl on Hopper"
+        model.optimize_for_inference(compile=True, pdl=False)
+        assert model._fused.step == "compiled" and not model._fused.pdl
         with pytest.raises(ValueError, match="needs attention and ffn"):
             model.optimize_for_inference(compile=True, ffn="aten", step="skinny")
-    assert _rel(outs["skinny"], ref) < 2e-2
-    assert _rel(outs["skinny"], outs["compiled"]) < 2e-2
+    for name in forms:
+        assert _rel(outs[name], ref) < 2e-2
+        assert _rel(outs[name], outs["compiled"]) < 2e-2
+
+
+def test_pdl_kernels_match_serial_launches():
+    """skinny's GEMMs and text_attention launched as programmatic dependents (weight lines prefetched before the
+    wait) compute what they compute launched in turn, back to back in one CUDA graph where each reads the one
+    before's output."""
+    if not skinny.pdl_supported(torch.device("cuda")):
+        pytest.skip("programmatic dependent launch needs a Hopper or later GPU")
+    torch.manual_seed(3)
+    h, f, t = 256, 512, 24
+    x = torch.randn(1, t, h, device="cuda", dtype=torch.bfloat16)
+    wq, wo = (torch.randn(h, h, device="cuda", dtype=torch.bfloat16) * h**-0.5 for _ in range(2))
+    wg, wu = (torch.randn(f, h, device="cuda", dtype=torch.bfloat16) * h**-0.5 for _ in range(2))
+    wd = torch.randn(h, f, device="cuda", dtype=torch.bfloat16) * f**-0.5
+    tiles = skinny.RESIDUAL._replace(prefetch=4)
+
+    def chain(pdl):
+        q = skinny.linear(x, wq, tiles, pdl=pdl)
+        hidden, x_ln, ss = skinny.linear_residual(q, wo, x, torch.ones(h, device="cuda", dtype=torch.bfloat16),
+                                                  tiles=tiles, pdl=pdl)
+        inner = skinny.gate_up(x_ln, wg, wu, skinny.GATE_UP._replace(prefetch=4), ss=ss, eps=1e-5, pdl=pdl)
+        return skinny.linear_residual(inner, wd, hidden, tiles=tiles, pdl=pdl)[0]
+
+    outs = {}
+    for pdl in (False, True):
+        chain(pdl)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = chain(pdl)
+        graph.replay()
+        outs[pdl] = out.float().clone()
+    assert _rel(outs[True], outs[False]) < 1e-3
+    with pytest.raises(ValueError, match="power of two"):
+        skinny.linear(x, wq, tiles._replace(prefetch=3), pdl=True)
+
+
+def test_linear_gelu_tanh_epilogue():
+    """fused.linear_gelu_tanh on CUDA (cuBLASLt's bias + GELU epilogue) is the tanh form of GELU, within bf16
+    rounding, and differs from the erf form."""
+    from saisa.model.fused import linear_gelu_tanh
+
+    torch.manual_seed(5)
+    x = torch.randn(96, 128, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(512, 128, device="cuda", dtype=torch.bfloat16) * 128**-0.5
+    b = torch.randn(512, device="cuda", dtype=torch.bfloat16) * 0.1
+    out = linear_gelu_tanh(x, w, b).float()
+    pre = F.linear(x.float(), w.float(), b.float())
+    assert _rel(out, F.gelu(pre, approximate="tanh")) < 4e-3
+    # In fp32 the forms part (by up to 5e-4, near |x| = 2.7): the epilogue's is the tanh one.
+    x32 = torch.linspace(-4, 4, 4096, device="cuda").view(32, 128)
+    eye = torch.eye(128, device="cuda")
+    out32 = linear_gelu_tanh(x32, eye, torch.zeros(128, device="cuda"))
+    assert (out32 - F.gelu(x32, approximate="tanh")).abs().max() < 2e-5
+    assert (out32 - F.gelu(x32)).abs().max() > 1e-4

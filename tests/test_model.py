@@ -392,6 +392,10 @@ def test_compiled_fused_path_computes_the_same_function(backbone, sharing, atten
             model.optimize_for_inference(compile=True, compile_backend="eager", attention="flash")
         with pytest.raises(ValueError, match="unknown step"):
             model.optimize_for_inference(compile=True, compile_backend="eager", step="fast")
+        with pytest.raises(ValueError, match="pdl must be"):
+            model.optimize_for_inference(compile=True, compile_backend="eager", pdl="yes")
+        with pytest.raises(ValueError, match="needs step='skinny'"):
+            model.optimize_for_inference(compile=True, compile_backend="eager", step="compiled", pdl=True)
         with pytest.raises(ValueError, match="needs attention and ffn 'triton'"):
             model.optimize_for_inference(compile=True, compile_backend="eager", attention="eager", step="skinny")
         model.optimize_for_inference(compile=True, compile_backend="eager")
@@ -568,3 +572,56 @@ def test_inductor_compiled_merged_path_on_cpu(attention):
     keep = mask.bool() & (ids != IMAGE_TOKEN_ID)
     assert_close(fast[keep], ref[keep], atol=1e-5, rtol=1e-5)
     assert_close(again, fast, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("act", ["gelu", "gelu_pytorch_tanh"])
+def test_compiled_visual_step_uses_the_projector_activation_and_tanh_on_request(act):
+    """The compiled visual step applies the projector's own GELU (erf or tanh form; the reference path's), and
+    gelu="tanh" the tanh form for an erf-GELU projector as well: equal to a model whose projector uses it."""
+    model = tiny_model("saisa", text=tiny_text_config(num_hidden_layers=2), projector_hidden_act=act)
+    ids = with_images(seed=31, length=11, image_at=[3])[None]
+    pixels = random_pixels(1)
+    rows = text_rows(ids[0])
+    tanh_model = tiny_model("saisa", text=tiny_text_config(num_hidden_layers=2), projector_hidden_act="gelu_new")
+    with torch.no_grad():
+        ref = model(input_ids=ids, pixel_values=pixels).logits
+        ref_tanh = tanh_model(input_ids=ids, pixel_values=pixels).logits
+        model.optimize_for_inference(compile=True, compile_backend="eager")
+        assert_close(model(input_ids=ids, pixel_values=pixels).logits[0, rows], ref[0, rows], atol=1e-5, rtol=1e-5)
+        model.optimize_for_inference(compile=True, compile_backend="eager", gelu="tanh")
+        tanh = model(input_ids=ids, pixel_values=pixels).logits
+        with pytest.raises(ValueError, match="unknown gelu"):
+            model.optimize_for_inference(compile=True, compile_backend="eager", gelu="erf")
+    assert_close(tanh[0, rows], ref_tanh[0, rows], atol=1e-5, rtol=1e-5)
+    if act == "gelu":  # the two forms differ (by little): the option changes what runs
+        assert not torch.allclose(tanh[0, rows], ref[0, rows], atol=1e-7, rtol=0)
+    other = tiny_model("saisa", text=tiny_text_config(num_hidden_layers=2), projector_hidden_act="relu")
+    other.optimize_for_inference(compile=True, compile_backend="eager")
+    assert other._fused is None, "an activation the compiled step does not know keeps the reference path"
+
+
+def test_prefill_tables_are_made_once_per_layout():
+    """The fused prefill's mask and RoPE tables depend on the layout alone: made once for a layout used again (as
+    GraphedForward's is, so its graph holds none of their kernels), and made anew for another layout."""
+    model = tiny_model("saisa", text=tiny_text_config(num_hidden_layers=2))
+    pixels = random_pixels(1)
+    with torch.no_grad():
+        model.optimize_for_inference(compile=True, compile_backend="eager")
+        made = []
+        original = model._mask_and_rope
+        model._mask_and_rope = lambda *a: made.append(1) or original(*a)
+        outs = {}
+        for at in (3, 7):
+            ids = with_images(seed=33, length=11, image_at=[at])[None]
+            layout = model.layout(ids, torch.ones_like(ids), 1)
+            feats = model.encode_images(pixels)
+            first = model.forward_with_layout(ids, layout, feats)
+            again = model.forward_with_layout(ids, layout, feats)
+            assert torch.equal(first, again)
+            outs[at] = (ids, first)
+        assert len(made) == 2, "one set of tables per layout"
+        model.train().eval()  # the reference path
+        for ids, fast in outs.values():
+            ref = model(input_ids=ids, pixel_values=pixels).logits
+            rows = text_rows(ids[0])
+            assert_close(fast[0, rows], ref[0, rows], atol=1e-5, rtol=1e-5)

@@ -29,6 +29,7 @@ ATTEND = ("sdpa", "eager", "flex")  # the forms of `attend`
 ATTENTION = (*ATTEND, "triton")  # text_layer_step's: attend's, or text_attention's kernels
 FFN = ("aten", "triton")  # the forms of the FFN's first half: two GEMMs and SiLU * up, or skinny.gate_up's kernel
 STEP = ("compiled", "skinny")  # a text layer as text_layer_step under torch.compile, or skinny_layer_step
+GELU = ("exact", "tanh")  # the projector MLP's GELU in the fast path: LLaVA's erf form, or the tanh approximation
 
 
 class TextLayer(NamedTuple):
@@ -133,12 +134,12 @@ def text_layer_step(
 
 def skinny_supported(hidden: torch.Tensor, w: TextLayer, head_dim: int) -> bool:
     """Whether `skinny_layer_step` can run a layer on these rows: its kernels serve them (skinny.supported for
-    o_proj, gate/up and down_proj, text_attention.supported) and no q/k/v bias (the RMS division it defers to
+    q/o/down_proj, gate/up, text_attention.supported) and no q/k/v bias (the RMS division it defers to
     attention commutes with the projections, not with a bias)."""
     rows = hidden.numel() // hidden.shape[-1]
     return (w.bq is None and w.bkv is None and text_attention.supported(hidden, w.wkv, head_dim)
             and skinny.supported(hidden, w.wg, w.wu, tiles=skinny.GATE_UP)
-            and all(skinny.fits(rows, w_.shape[1], hidden, w_, tiles=skinny.RESIDUAL) for w_ in (w.wo, w.wd)))
+            and all(skinny.fits(rows, w_.shape[1], hidden, w_, tiles=skinny.RESIDUAL) for w_ in (w.wq, w.wo, w.wd)))
 
 
 def skinny_layer_step(
@@ -156,6 +157,8 @@ def skinny_layer_step(
     eps: float,
     head_dim: int,
     rope_half: bool = False,
+    pdl: bool = False,
+    prefetch: int = skinny.PREFETCH,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """`text_layer_step`'s function in six kernels, none of them a norm (check `skinny_supported`): the RMSNorms'
     division by each row's RMS is deferred to the kernels that read their output. A row's RMS is a scalar, so it
@@ -164,15 +167,26 @@ def skinny_layer_step(
     sums of squares come from the previous GEMM's epilogue (skinny.linear_residual, which also adds the residual and
     writes the rows times the next norm's weight, and the next layer's k/v input rows). At batch 1 and t=64 each norm
     is a ~3 us kernel of its own, and so is cuBLAS's split-K reduction of down_proj. Returns the next layer's
-    (hidden, x_ln, row_sums); x_ln None after the last layer."""
-    kv = F.linear(inputs, w.wkv)  # (B, Sv + T, 2k)
-    q = F.linear(x_ln, w.wq)
+    (hidden, x_ln, row_sums); x_ln None after the last layer.
+
+    pdl: every kernel but the k/v GEMM (cuBLAS's) a programmatic dependent launch (skinny.pdl_supported), and
+    q_proj a skinny.linear run before the k/v GEMM, so five launches in a row overlap: each kernel's programs take
+    the SMs the one before leaves, send the first `prefetch` 128-byte lines of their weight rows to L2 (weights
+    do not depend on the kernel before) and wait for its writes."""
+    residual, gate_up = skinny.RESIDUAL._replace(prefetch=prefetch), skinny.GATE_UP._replace(prefetch=prefetch)
+    if pdl:
+        q = skinny.linear(x_ln, w.wq, residual, pdl=True)
+        kv = F.linear(inputs, w.wkv)  # (B, Sv + T, 2k)
+    else:
+        kv = F.linear(inputs, w.wkv)
+        q = F.linear(x_ln, w.wq)
     attn = text_attention.text_attention(q, kv, cos, sin, attn_bias, head_dim, half_table=rope_half,
-                                         row_sums=row_sums, row_dim=hidden.shape[-1], eps=eps)
-    hidden, x_ln, row_sums = skinny.linear_residual(attn, w.wo, hidden, w.ln2, sums=sums[0], tiles=skinny.RESIDUAL)
-    inner = skinny.gate_up(x_ln, w.wg, w.wu, skinny.GATE_UP, ss=row_sums, eps=eps)
-    return skinny.linear_residual(inner, w.wd, hidden, next_ln1, rows_out=next_rows, sums=sums[1],
-                                  tiles=skinny.RESIDUAL)
+                                         row_sums=row_sums, row_dim=hidden.shape[-1], eps=eps, pdl=pdl)
+    hidden, x_ln, row_sums = skinny.linear_residual(attn, w.wo, hidden, w.ln2, sums=sums[0], tiles=residual,
+                                                    pdl=pdl)
+    inner = skinny.gate_up(x_ln, w.wg, w.wu, gate_up, ss=row_sums, eps=eps, pdl=pdl)
+    return skinny.linear_residual(inner, w.wd, hidden, next_ln1, rows_out=next_rows, sums=sums[1], tiles=residual,
+                                  pdl=pdl)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float, kind: str = "sdpa"
@@ -212,6 +226,21 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
     raise ValueError(f"unknown attention {kind!r}; choose from {ATTEND}")
 
 
+@torch.library.custom_op("saisa::linear_gelu_tanh", mutates_args=())
+def linear_gelu_tanh(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """GELU(x w^T + b) in its tanh form: on CUDA one cuBLASLt GEMM whose epilogue adds the bias and applies the
+    activation; an operator torch.compile keeps whole (inductor would split it into a GEMM and a pointwise kernel).
+    Elsewhere a GEMM and F.gelu(approximate="tanh"): aten's CPU `_addmm_activation` applies the erf form instead."""
+    if x.is_cuda:
+        return torch._addmm_activation(b, x, w.t(), use_gelu=True)
+    return F.gelu(F.linear(x, w, b), approximate="tanh")
+
+
+@linear_gelu_tanh.register_fake
+def _(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], w.shape[0])
+
+
 def visual_inputs_chunk(
     features: torch.Tensor,  # (N, v, d)
     slots: torch.Tensor,  # (B, I) image index per slot (clamped >= 0)
@@ -222,19 +251,37 @@ def visual_inputs_chunk(
     layers: int,
     eps: float,
     text_len: int = 0,
+    gelu: str = "exact",
 ) -> torch.Tensor:
     """V_i = MLP_i(Z) for `layers` layers, placed in each sample's image slots and RMS-normalised without the norm's
     weight (folded into the k/v projections): (layers, B, Sv + text_len, h). The last `text_len` rows are zeros, room
-    for `text_layer_step` to write the text rows into."""
+    for `text_layer_step` to write the text rows into. gelu (GELU): "exact", the erf form LLaVA's projector uses;
+    "tanh", its tanh approximation computed in the first GEMM's epilogue (`linear_gelu_tanh`), for an MLP with
+    biases: one pass over the (c, N*v, h) activations fewer."""
+    if gelu not in GELU:
+        raise ValueError(f"unknown gelu {gelu!r}; choose from {GELU}")
     n_img, v, d = features.shape
+    c, h = w1.shape[0], w1.shape[1]
+    if gelu == "tanh" and w2 is not None and b1 is not None:
+        x = linear_gelu_tanh(features.reshape(n_img * v, d), w1.reshape(c * h, d), b1.reshape(c * h))
+        x = torch.bmm(x.view(n_img * v, c, h).transpose(0, 1), w2.transpose(1, 2))  # (c, N*v, h)
+        if b2 is not None:
+            x = x + b2.unsqueeze(1)
+        return _placed_unit_rows(x, slots, n_img, v, layers, eps, text_len)
     z = features.reshape(1, n_img * v, d)
-    x = torch.bmm(z.expand(w1.shape[0], -1, -1), w1.transpose(1, 2))
+    x = torch.bmm(z.expand(c, -1, -1), w1.transpose(1, 2))
     if b1 is not None:
         x = x + b1.unsqueeze(1)
     if w2 is not None:
-        x = torch.bmm(F.gelu(x), w2.transpose(1, 2))
+        x = torch.bmm(F.gelu(x, approximate="none" if gelu == "exact" else "tanh"), w2.transpose(1, 2))
         if b2 is not None:
             x = x + b2.unsqueeze(1)
+    return _placed_unit_rows(x, slots, n_img, v, layers, eps, text_len)
+
+
+def _placed_unit_rows(x: torch.Tensor, slots: torch.Tensor, n_img: int, v: int, layers: int, eps: float,
+                      text_len: int) -> torch.Tensor:
+    """visual_inputs_chunk's end: the MLPs' output (c, N*v, h) in the samples' image slots, unit RMS, with room."""
     x = x.view(x.shape[0], n_img, v, -1)[:, slots].flatten(2, 3)  # (c|1, B, Sv, h)
     x = rms_norm(x, None, eps).expand(layers, -1, -1, -1)  # a shared MLP: one result for all layers
     if text_len:  # a buffer per layer (each gets its own text rows)

@@ -13,8 +13,9 @@ In training with labels the loss skips the logits (loss.py) and `logits` is None
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -59,6 +60,10 @@ from .visual_kv import (
     saisa_visual_kv,
 )
 
+# A projector activation (config.projector_hidden_act) -> its form in the compiled visual step (fused.GELU); the
+# compiled path serves only these.
+PROJECTOR_GELU = {"gelu": "exact", "gelu_pytorch_tanh": "tanh", "gelu_new": "tanh"}
+
 
 @dataclass
 class FusedPath:
@@ -72,6 +77,8 @@ class FusedPath:
     ffn: str = "aten"  # the FFN's first half (fused.FFN), where the rows allow it
     step: str = "compiled"  # a text layer's form (fused.STEP); "skinny" where fused.skinny_supported, else compiled
     chunks: Chunks = None  # layers per visual chunk (visual_kv.chunk_slices)
+    tables: dict = field(default_factory=dict)  # layout -> _prefill_tables' tensors, for the last few layouts
+    pdl: bool = False  # the skinny step's kernels as programmatic dependent launches (fused.skinny_layer_step)
 
 
 class SaisaPreTrainedModel(PreTrainedModel):
@@ -163,6 +170,8 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         ffn: str = "auto",
         compile_options: dict | None = None,
         step: str = "auto",
+        pdl: bool | str = "auto",
+        gelu: str = "auto",
     ) -> None:
         """Speed up the saisa prefill without changing its function (inference only; `train()` undoes it).
 
@@ -191,9 +200,19 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         step: the form of a text layer (fused.STEP): "compiled", text_layer_step under torch.compile; "skinny",
         fused.skinny_layer_step, 7 kernels a layer instead of 10 and none of them a norm, where its kernels serve
         the rows (at most skinny.MAX_ROWS text rows, no q/k/v bias; needs attention and ffn "triton"). "auto":
-        "compiled": on an H100 at t=64 the two measured the same (skinny 8.531, compiled 8.526 ms in interleaved
-        rounds, benchmarks/results/profile-prefill-h100-t64-skinny.json): the norms' kernels saved are spent again
-        by the Triton GEMMs, slower than cuBLAS's at o_proj/down_proj.
+        "skinny" where its kernels can be launched as programmatic dependents (pdl), else "compiled". Launched in
+        turn the two measured the same (skinny 8.531, compiled 8.526 ms at t=64 on an H100 in interleaved rounds,
+        profile-prefill-h100-t64-skinny.json: the norms' kernels saved are spent again by the Triton GEMMs); with
+        pdl the skinny step took 8.251 against 8.388 ms compiled and 8.421 skinny launched in turn
+        (profile-prefill-h100-t64-pdl.json).
+        pdl: the skinny step's kernels launched as programmatic dependents, each overlapping the end of the one
+        before (fused.skinny_layer_step; needs step "skinny" and skinny.pdl_supported: Hopper or later). "auto":
+        wherever the step is "skinny" and the GPU allows it.
+        gelu: the projector MLPs' GELU in the compiled visual step (fused.GELU, fused.visual_inputs_chunk): "auto",
+        the projector's own activation ("gelu": the erf form; "gelu_pytorch_tanh" / "gelu_new": the tanh form, in
+        the first GEMM's epilogue on CUDA; any other activation keeps the reference path); "tanh": the tanh form
+        for an erf-GELU projector too, an approximation (below bf16 rounding) that saves a pass over the
+        activations.
         """
         if attention not in ("auto", *ATTENTION):
             raise ValueError(f"unknown attention {attention!r}; choose from {('auto', *ATTENTION)}")
@@ -206,11 +225,27 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
             attention = "triton" if on_cuda and skinny.available() else "eager"
         if step not in ("auto", *STEP):
             raise ValueError(f"unknown step {step!r}; choose from {('auto', *STEP)}")
+        if pdl not in (True, False, "auto"):
+            raise ValueError(f"pdl must be True, False or 'auto', got {pdl!r}")
+        pdl_ok = on_cuda and skinny.pdl_supported(self.get_input_embeddings().weight.device)
         if step == "auto":
-            step = "compiled"
+            step = "skinny" if pdl_ok and pdl is not False and attention == ffn == "triton" else "compiled"
         elif step == "skinny" and not attention == ffn == "triton":
             raise ValueError(f"step='skinny' runs text_attention's and skinny's kernels: it needs attention and ffn "
                              f"'triton' (got {attention!r}, {ffn!r})")
+        if gelu not in ("auto", "tanh"):
+            raise ValueError(f"unknown gelu {gelu!r}; choose from ('auto', 'tanh')")
+        own_gelu = ("exact" if self.config.projector_type == "linear"  # no activation at all
+                    else PROJECTOR_GELU.get(self.config.projector_hidden_act))
+        if gelu == "auto":
+            gelu = own_gelu
+        if pdl == "auto":
+            pdl = step == "skinny" and pdl_ok
+        if pdl and step != "skinny":
+            raise ValueError(f"pdl=True launches the skinny step's kernels: it needs step='skinny' (got {step!r})")
+        if pdl and on_cuda and not pdl_ok:
+            raise ValueError("pdl=True needs a Hopper or later GPU and a Triton with griddepcontrol "
+                             "(skinny.pdl_supported)")
         if compile_options is None and compile_backend == "inductor" and compile_mode is None and on_cuda:
             compile_options = {"combo_kernels": True}  # 8.54 vs 8.63 ms at t=64 (profile-prefill-h100-t64-combo.json)
         if self.config.architecture != "saisa":
@@ -220,7 +255,7 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         chunk_slices(len(self.layers), chunk)  # a bad schedule fails before minutes of compile
         self._folded_kv = fold_kv_weights(self.layers) if fold or compile else None
         self._fused = None
-        if compile and all(supports_fused(layer) for layer in self.layers):
+        if compile and own_gelu is not None and all(supports_fused(layer) for layer in self.layers):
             from torch._dynamo import config as dynamo_config
 
             # One entry per (batch, length) shape with dynamic=False; the default limit (8) would silently fall
@@ -234,7 +269,7 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
                 options["options"] = dict(compile_options)
             self._fused = FusedPath(
                 text=torch.compile(text_layer_step, **options),
-                visual=torch.compile(visual_inputs_chunk, **options),
+                visual=torch.compile(functools.partial(visual_inputs_chunk, gelu=gelu), **options),
                 layers=[
                     text_layer_tensors(layer, folded.weight[i], None if folded.bias is None else folded.bias[i])
                     for i, layer in enumerate(self.layers)
@@ -243,6 +278,7 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
                 ffn=ffn,
                 step=step,
                 rope_half=self._rope_halves_equal(),
+                pdl=pdl,
             )
         self.set_prefill_schedule(chunk, overlap)
 
@@ -417,41 +453,16 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         self, text_h: torch.Tensor, features: torch.Tensor | None, layout: SequenceLayout, cache: SaisaCache | None
     ) -> torch.Tensor:
         arch = self.config.architecture
-        lm = self.language_model.model
-        past = cache.get_seq_length() if cache is not None else 0
-        text_pos = layout.text_pos
-        if features is not None:
-            vis_pos, vis_valid = layout.visual_positions(features.shape[1])
-        else:
-            vis_pos, vis_valid = text_pos[:, :0], layout.text_is_key[:, :0]
-        n_vis = vis_pos.shape[1]
-        new_key_pos = torch.cat([vis_pos, text_pos], dim=1)
-        new_key_valid = torch.cat([vis_valid, layout.text_is_key], dim=1)
-        if cache is not None:
-            key_pos = new_key_pos if past == 0 else torch.cat([cache.key_pos, new_key_pos], dim=1)
-            key_valid = new_key_valid if past == 0 else torch.cat([cache.key_valid, new_key_valid], dim=1)
-            cache.append_positions(new_key_pos, new_key_valid, layout.next_pos)
-        else:
-            key_pos, key_valid = new_key_pos, new_key_valid
-
+        if self._fused is not None and features is not None and cache is None and not self.training:
+            return self._decode_fused(text_h, features, layout)
+        v = None if features is None else features.shape[1]
+        mask, cos, sin, vis_cos, vis_sin = self._mask_and_rope(text_h, layout, v, cache)
+        n_vis = 0 if vis_cos is None else vis_cos.shape[1]
         llava = arch == "llava"
-        if llava:  # one stream [visual; text]: every token is a query, as in LLaVA's spliced sequence
-            query_pos = new_key_pos
-            self_index = past + torch.arange(n_vis + text_pos.shape[1], device=text_pos.device)
-        else:
-            query_pos = text_pos
-            self_index = past + n_vis + torch.arange(text_pos.shape[1], device=text_pos.device)
-        mask = naavit_mask(query_pos, key_pos, key_valid, self_index)
-        cos, sin = lm.rotary_emb(text_h, text_pos)
-        vis_cos = vis_sin = None
-        if features is not None:
-            vis_cos, vis_sin = lm.rotary_emb(text_h, vis_pos)
 
         vis_h = None
         vis_kv: list | None = None
         events: list = []
-        if self._fused is not None and features is not None and cache is None and not self.training:
-            return self._decode_fused(text_h, features, layout, mask, cos, sin, vis_cos, vis_sin)
         if features is not None and arch == "saisa":
             # Visual work does not depend on text: every layer's visual K/V is computed up front (paper Eq. 6-7).
             stream = self._visual_stream if text_h.is_cuda and not torch.is_grad_enabled() else None
@@ -483,28 +494,82 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
                 hidden, vis_h = self._layer(*step)
         return hidden[:, n_vis:] if llava else hidden
 
-    def _decode_fused(self, text_h, features, layout, mask, cos, sin, vis_cos, vis_sin) -> torch.Tensor:
+    def _mask_and_rope(self, text_h: torch.Tensor, layout: SequenceLayout, v: int | None, cache: SaisaCache | None
+                       ) -> tuple:
+        """What a forward needs from the layout alone (v: visual tokens per image, None without images): the NAAViT
+        mask (B, 1, T, S) over [visual; text] keys (for llava every token a query), the text rows' RoPE tables and
+        the visual ones (None without images). With a cache, the new keys' positions are appended to it."""
+        lm = self.language_model.model
+        past = cache.get_seq_length() if cache is not None else 0
+        text_pos = layout.text_pos
+        if v is not None:
+            vis_pos, vis_valid = layout.visual_positions(v)
+        else:
+            vis_pos, vis_valid = text_pos[:, :0], layout.text_is_key[:, :0]
+        n_vis = vis_pos.shape[1]
+        new_key_pos = torch.cat([vis_pos, text_pos], dim=1)
+        new_key_valid = torch.cat([vis_valid, layout.text_is_key], dim=1)
+        if cache is not None:
+            key_pos = new_key_pos if past == 0 else torch.cat([cache.key_pos, new_key_pos], dim=1)
+            key_valid = new_key_valid if past == 0 else torch.cat([cache.key_valid, new_key_valid], dim=1)
+            cache.append_positions(new_key_pos, new_key_valid, layout.next_pos)
+        else:
+            key_pos, key_valid = new_key_pos, new_key_valid
+        if self.config.architecture == "llava":  # one stream [visual; text]: every token is a query, as in LLaVA
+            query_pos = new_key_pos
+            self_index = past + torch.arange(n_vis + text_pos.shape[1], device=text_pos.device)
+        else:
+            query_pos = text_pos
+            self_index = past + n_vis + torch.arange(text_pos.shape[1], device=text_pos.device)
+        mask = naavit_mask(query_pos, key_pos, key_valid, self_index)
+        cos, sin = lm.rotary_emb(text_h, text_pos)
+        vis_cos = vis_sin = None
+        if v is not None:
+            vis_cos, vis_sin = lm.rotary_emb(text_h, vis_pos)
+        return mask, cos, sin, vis_cos, vis_sin
+
+    def _prefill_tables(self, text_h: torch.Tensor, layout: SequenceLayout, v: int) -> tuple:
+        """The fused prefill's layout-only tensors: (text columns or None, the keys' RoPE tables (B, Sv + T, D)
+        visual then text, the text queries' additive mask (B, 1, T, Sv + T), 0 or -inf). Kept for the last few
+        layouts seen outside CUDA-graph capture, so a graph captured for a fixed layout (GraphedForward: warm-up
+        runs first) replays none of the ~40 small kernels that make them."""
+        key = (id(layout), v, text_h.dtype, text_h.device)
+        hit = self._fused.tables.get(key)
+        if hit is not None and hit[0] is layout:
+            return hit[1]
+        mask, cos, sin, vis_cos, vis_sin = self._mask_and_rope(text_h, layout, v, None)
+        cols = layout.text_columns
+        if cols is not None:  # drop the placeholder rows: T = text tokens exactly (and the paper's FLOPs)
+            n_vis = mask.shape[-1] - text_h.shape[1]
+            take = lambda x: x.gather(1, cols.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+            cos, sin = take(cos), take(sin)
+            key_cols = torch.cat([torch.arange(n_vis, device=cols.device).expand(cols.shape[0], -1), n_vis + cols], 1)
+            mask = mask.gather(2, cols[:, None, :, None].expand(-1, 1, -1, mask.shape[-1]))
+            mask = mask.gather(3, key_cols[:, None, None, :].expand(-1, 1, mask.shape[2], -1))
+        key_cos, key_sin = torch.cat([vis_cos, cos], dim=1), torch.cat([vis_sin, sin], dim=1)  # (B, Sv + T, D)
+        # The float mask SDPA would make from the boolean one in every layer, made once.
+        attn_bias = torch.zeros(mask.shape, dtype=text_h.dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+        tables = (cols, key_cos, key_sin, attn_bias)
+        if not (text_h.is_cuda and torch.cuda.is_current_stream_capturing()):  # a graph's pool is not ours to keep
+            while len(self._fused.tables) >= 4:
+                self._fused.tables.pop(next(iter(self._fused.tables)))
+            self._fused.tables[key] = (layout, tables)
+        return tables
+
+    def _decode_fused(self, text_h: torch.Tensor, features: torch.Tensor, layout: SequenceLayout) -> torch.Tensor:
         """saisa inference through the compiled functions: each layer's normalised visual inputs (chunks, optionally
         on a side stream), then per layer ONE k/v GEMM over its visual and text rows, attention and FFN."""
         fused, folded = self._fused, self._folded_kv
         eps, head_dim = folded.eps, folded.head_dim
-        cols = layout.text_columns
+        cols, key_cos, key_sin, attn_bias = self._prefill_tables(text_h, layout, features.shape[1])
         hidden = text_h
-        if cols is not None:  # drop the placeholder rows: T = text tokens exactly (and the paper's FLOPs)
-            n_vis = mask.shape[-1] - text_h.shape[1]
-            take = lambda x: x.gather(1, cols.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-            hidden, cos, sin = take(text_h), take(cos), take(sin)
-            key_cols = torch.cat([torch.arange(n_vis, device=cols.device).expand(cols.shape[0], -1), n_vis + cols], 1)
-            mask = mask.gather(2, cols[:, None, :, None].expand(-1, 1, -1, mask.shape[-1]))
-            mask = mask.gather(3, key_cols[:, None, None, :].expand(-1, 1, mask.shape[2], -1))
+        if cols is not None:
+            hidden = text_h.gather(1, cols.unsqueeze(-1).expand(-1, -1, text_h.shape[-1]))
         stream = self._visual_stream if text_h.is_cuda else None
         inputs, events = saisa_visual_inputs(
             len(self.layers), self.multi_modal_projector, features, layout, eps, hidden.shape[1],
             chunk=fused.chunks, stream=stream, fn=fused.visual,
         )  # each (B, Sv + T, h)
-        key_cos, key_sin = torch.cat([vis_cos, cos], dim=1), torch.cat([vis_sin, sin], dim=1)  # (B, Sv + T, D)
-        # The float mask SDPA would make from the boolean one in every layer, made once.
-        attn_bias = torch.zeros(mask.shape, dtype=hidden.dtype, device=mask.device).masked_fill(~mask, float("-inf"))
         w0 = fused.layers[0]
         if fused.step == "skinny" and skinny_supported(hidden, w0, head_dim):
             hidden = self._skinny_layers(hidden, inputs, events, attn_bias, key_cos, key_sin, eps, head_dim)
@@ -550,7 +615,7 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
             hidden, x_ln, row_sums = skinny_layer_step(
                 hidden, x_ln, row_sums, sums[i], inputs[i], None if last else inputs[i + 1][:, -t:], attn_bias, cos,
                 sin, w,
-                None if last else layers[i + 1].ln1, eps, head_dim, self._fused.rope_half,
+                None if last else layers[i + 1].ln1, eps, head_dim, self._fused.rope_half, self._fused.pdl,
             )
         return hidden
 

@@ -5,8 +5,9 @@ kernels give each program a slice of W's rows and ALL of x's rows, so W is read 
 pipeline of loads. `gate_up` reads W_gate and W_up in the same loop and applies SiLU(g) * u on the way out, the
 FFN's first half in one kernel: 2.70 TB/s at Vicuna-7B's shapes on an H100 against 2.39 for cuBLAS's two GEMMs and
 the product, so the compiled text layers use it (fused.FFN). `linear` alone only matched cuBLAS (q/o/down_proj,
-2.3-2.5 TB/s both; benchmarks/results/skinny-gemms-h100-t64.json): scripts/profile_skinny.py measures it, the model
-keeps aten's. `linear_residual` is `linear` with an epilogue that makes the next RMSNorm free: the residual add,
+2.3-2.5 TB/s both; benchmarks/results/skinny-gemms-h100-t64.json); the skinny step runs q_proj with it so that
+every kernel but the k/v GEMM can be a programmatic dependent launch (`pdl`: each kernel's programs start as the
+one before's leave the SMs, send their first weight lines to L2 and wait for its writes). `linear_residual` is `linear` with an epilogue that makes the next RMSNorm free: the residual add,
 the rows times the norm's weight, the rows' sums of squares (fp32 atomics); `gate_up` then divides by the RMS
 (fused.skinny_layer_step). At o_proj it took 15.8 us against 16.7 for cuBLAS + the add and norm, at down_proj
 39.7 against 40.0 (skinny-residual-coresident-h100-t64.json, "residual"). Triton is imported lazily: the
@@ -30,6 +31,7 @@ class Tiles(NamedTuple):
     stages: int = 4
     warps: int = 4
     split_k: int = 1
+    prefetch: int = 0  # launched as a programmatic dependent: 128-byte lines per weight row sent to L2 before waiting
 
 
 DEFAULT = Tiles()
@@ -38,6 +40,10 @@ DEFAULT = Tiles()
 GATE_UP = Tiles(block_n=32, block_k=128, stages=6, warps=4)
 # o_proj and down_proj with skinny.linear_residual's epilogue: the fastest `linear` tiles at those shapes there.
 RESIDUAL = Tiles(block_n=32, block_k=128, stages=6, warps=4)
+# Lines of each weight row a programmatic dependent launch sends to L2 before it waits (fused.skinny_layer_step):
+# on an H100, 32 skinny layers took 210.9 us per layer with 4, 211.5 with none, 210.5 with 16, 215.9 launched in
+# turn (benchmarks/results/skinny-pdl-h100-t64.json); 4 was the fastest of 0-32 in two earlier runs.
+PREFETCH = 4
 MAX_ROWS = 64  # more rows: GATE_UP's pipeline no longer fits in shared memory, and the GEMM nears compute-bound
 
 
@@ -78,9 +84,30 @@ def kernels():
         return acc, offs_m, offs_n
 
     @triton.jit
+    def _prefetch_rows(w_ptr, k0, stride_wn, BLOCK_N: tl.constexpr, LINES: tl.constexpr):
+        """LINES lines of 64 elements (128 bytes of bf16/fp16) from column k0 of this program's BLOCK_N rows of W
+        sent to L2: PTX prefetch, no registers wait for them."""
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        ptrs = w_ptr + offs_n[:, None] * stride_wn + k0 + tl.arange(0, LINES)[None, :] * 64
+        tl.inline_asm_elementwise("mov.u32 $0, 0;\n\tprefetch.global.L2 [$1];", "=r,l", [ptrs], dtype=tl.int32,
+                                  is_pure=False, pack=1)
+
+    @triton.jit
+    def dependent_start():
+        """Programmatic dependent launch: wait until the kernel before has finished and its writes are visible,
+        then let the kernel after launch (its programs take SMs as ours leave them, and wait in turn)."""
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+    @triton.jit
     def linear_kernel(x_ptr, w_ptr, y_ptr, M, K, stride_xm, stride_wn, stride_ym,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                      PDL: tl.constexpr, PREFETCH: tl.constexpr):
         span = K // SPLIT_K
+        if PDL:
+            if PREFETCH > 0:
+                _prefetch_rows(w_ptr, tl.program_id(1) * span, stride_wn, BLOCK_N, PREFETCH)
+            dependent_start()
         acc, offs_m, offs_n = _rows_dot(x_ptr, w_ptr, M, tl.program_id(1) * span, span, stride_xm, stride_wn,
                                         BLOCK_M, BLOCK_N, BLOCK_K)
         rows = offs_m[:, None] < M
@@ -97,7 +124,13 @@ def kernels():
 
     @triton.jit
     def gate_up_kernel(x_ptr, wg_ptr, wu_ptr, y_ptr, ss_ptr, M, K, stride_xm, stride_wn, stride_ym, eps,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE: tl.constexpr,
+                       PDL: tl.constexpr, PREFETCH: tl.constexpr):
+        if PDL:
+            if PREFETCH > 0:
+                _prefetch_rows(wg_ptr, 0, stride_wn, BLOCK_N, PREFETCH)
+                _prefetch_rows(wu_ptr, 0, stride_wn, BLOCK_N, PREFETCH)
+            dependent_start()
         pid_n = tl.program_id(0)
         offs_m = tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -126,7 +159,11 @@ def kernels():
     def linear_residual_kernel(x_ptr, w_ptr, res_ptr, out_ptr, rows_ptr, ln_ptr, xln_ptr, ss_ptr, M, K, T,
                                stride_xm, stride_wn, stride_rb, stride_rt, stride_ob, stride_ot, stride_wb, stride_wt,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                               ROWS: tl.constexpr, LN: tl.constexpr):
+                               ROWS: tl.constexpr, LN: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr):
+        if PDL:
+            if PREFETCH > 0:
+                _prefetch_rows(w_ptr, 0, stride_wn, BLOCK_N, PREFETCH)
+            dependent_start()
         acc, offs_m, offs_n = _rows_dot(x_ptr, w_ptr, M, 0, K, stride_xm, stride_wn, BLOCK_M, BLOCK_N, BLOCK_K)
         rows = offs_m[:, None] < M
         # As the reference rounds: the product to the output dtype, then the residual add, rounded once more.
@@ -144,7 +181,7 @@ def kernels():
             tl.store(xln_ptr + offs_m[:, None] * (tl.num_programs(0) * BLOCK_N) + offs_n[None, :],
                      (h32 * ln[None, :]).to(dtype), mask=rows)
 
-    return _Kernels(triton, linear_kernel, gate_up_kernel, linear_residual_kernel, _rstd)
+    return _Kernels(triton, linear_kernel, gate_up_kernel, linear_residual_kernel, _rstd, dependent_start)
 
 
 class _Kernels(NamedTuple):
@@ -152,7 +189,23 @@ class _Kernels(NamedTuple):
     linear: object
     gate_up: object
     linear_residual: object
-    rstd: object  # a @triton.jit helper other kernels call (text_attention's)
+    rstd: object  # @triton.jit helpers other kernels call (text_attention's)
+    dependent_start: object
+
+
+def pdl_supported(device: torch.device) -> bool:
+    """Programmatic dependent launch (the `pdl` of this package's kernels) needs a Hopper or later GPU and a Triton
+    with griddepcontrol (tl.extra.cuda.gdc_wait)."""
+    if device.type != "cuda" or triton_modules() is None or torch.cuda.get_device_capability(device)[0] < 9:
+        return False
+    return hasattr(getattr(triton_modules()[1].extra, "cuda", None), "gdc_wait")
+
+
+def check_pdl(pdl: bool, x: torch.Tensor) -> None:
+    """Raise if pdl is asked for where it cannot run."""
+    if pdl and not pdl_supported(x.device):
+        raise ValueError(f"pdl=True needs a Hopper or later GPU and a Triton with griddepcontrol; {x.device} has not "
+                         "(check skinny.pdl_supported)")
 
 
 def available() -> bool:
@@ -176,13 +229,25 @@ def fits(rows: int, k: int, like: torch.Tensor, *weights: torch.Tensor, tiles: T
             and all(w.shape == (n, k) and w.is_contiguous() and w.dtype == like.dtype for w in weights))
 
 
+def _launch(tiles: Tiles, x: torch.Tensor, pdl: bool) -> dict:
+    """The launch options every kernel here takes: pipeline depth, warps and, with pdl, a programmatic dependent
+    launch (the kernel's programs may start while the kernel before is still running: each first sends
+    `tiles.prefetch` lines of its weight rows to L2, then waits for that kernel's writes)."""
+    check_pdl(pdl, x)
+    if tiles.prefetch & (tiles.prefetch - 1):
+        raise ValueError(f"Tiles.prefetch must be 0 or a power of two, got {tiles.prefetch}")
+    return {"num_stages": tiles.stages, "num_warps": tiles.warps, "PDL": pdl,
+            "PREFETCH": tiles.prefetch if pdl else 0, "launch_pdl": pdl}
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1])
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, tiles: Tiles = DEFAULT) -> torch.Tensor:
-    """x (..., K) @ w (N, K)^T -> (..., N), without bias (check `supported` first)."""
+def linear(x: torch.Tensor, w: torch.Tensor, tiles: Tiles = DEFAULT, pdl: bool = False) -> torch.Tensor:
+    """x (..., K) @ w (N, K)^T -> (..., N), without bias (check `supported` first). pdl: launched as a programmatic
+    dependent of the kernel before (`_launch`; `pdl_supported`)."""
     triton, kernel = kernels().triton, kernels().linear
     x2 = _rows(x)
     m, k = x2.shape
@@ -192,17 +257,16 @@ def linear(x: torch.Tensor, w: torch.Tensor, tiles: Tiles = DEFAULT) -> torch.Te
     y = torch.zeros(m, n, dtype=torch.float32, device=x.device) if split > 1 else x.new_empty(m, n)
     kernel[(n // tiles.block_n, split)](
         x2, w, y, m, k, x2.stride(0), w.stride(0), y.stride(0),
-        BLOCK_M=block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, SPLIT_K=split,
-        num_stages=tiles.stages, num_warps=tiles.warps,
+        BLOCK_M=block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, SPLIT_K=split, **_launch(tiles, x, pdl),
     )
     return y.to(x.dtype).view(*x.shape[:-1], n) if split > 1 else y.view(*x.shape[:-1], n)
 
 
 def gate_up(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, tiles: Tiles = DEFAULT,
-            ss: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
+            ss: torch.Tensor | None = None, eps: float = 0.0, pdl: bool = False) -> torch.Tensor:
     """SiLU(x wg^T) * (x wu^T), (..., K) -> (..., N), in one kernel (split_k is ignored). ss: the partial sums of
     squares `linear_residual` returned with x = its rows times the norm's weight: x is then divided by the rows'
-    RMS (eps as the norm's) first, so the norm costs no kernel of its own."""
+    RMS (eps as the norm's) first, so the norm costs no kernel of its own. pdl: as `linear`'s."""
     triton, kernel = kernels().triton, kernels().gate_up
     x2 = _rows(x)
     m, k = x2.shape
@@ -213,7 +277,7 @@ def gate_up(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, tiles: Tiles = 
     kernel[(n // tiles.block_n,)](
         x2, wg, wu, y, y if ss is None else ss, m, k, x2.stride(0), wg.stride(0), y.stride(0), eps,
         BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
-        SCALE=ss is not None, num_stages=tiles.stages, num_warps=tiles.warps,
+        SCALE=ss is not None, **_launch(tiles, x, pdl),
     )
     return y.view(*x.shape[:-1], n)
 
@@ -233,13 +297,14 @@ def linear_residual(
     rows_out: torch.Tensor | None = None,  # (B, T, N) view to write the sum into as well
     sums: torch.Tensor | None = None,  # (B*T,) fp32 zeros to add the sums of squares into
     tiles: Tiles = DEFAULT,
+    pdl: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """h = residual + x w^T, rounded as the reference rounds (product, then sum), and what the next RMSNorm needs
     without a kernel of its own: (h (B, T, N), h * ln (B, T, N) or None, the sums of h^2 per row (B*T,) fp32).
     The consumer (gate_up, text_attention) divides by the RMS they give. Each program adds its block of columns'
     share to `sums` (zeros; None: allocated here) by fp32 atomics, so their last bits depend on the order the
-    programs finish in. `rows_out`: h is also written there (the next layer's k/v input rows). Check `supported`
-    first."""
+    programs finish in. `rows_out`: h is also written there (the next layer's k/v input rows). pdl: as `linear`'s.
+    Check `supported` first."""
     triton, kernel = kernels().triton, kernels().linear_residual
     b, t, k = x.shape
     n = w.shape[0]
@@ -264,7 +329,7 @@ def linear_residual(
         x2.stride(0), w.stride(0), residual.stride(0), residual.stride(1), out.stride(0), out.stride(1),
         dest.stride(0), dest.stride(1),
         BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
-        ROWS=rows_out is not None, LN=ln is not None, num_stages=tiles.stages, num_warps=tiles.warps,
+        ROWS=rows_out is not None, LN=ln is not None, **_launch(tiles, x, pdl),
     )
     return out, xln, ss
 

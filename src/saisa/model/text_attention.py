@@ -31,6 +31,7 @@ def _triton():
         return None
     triton, tl = triton_modules()
     _rstd = skinny.kernels().rstd
+    dependent_start = skinny.kernels().dependent_start
 
     @triton.jit
     def _rotated(ptrs, cos_ptrs, sin_ptrs, half: tl.constexpr, mask, HALF_TABLE: tl.constexpr):
@@ -54,7 +55,10 @@ def _triton():
                     stride_qb, stride_qt, stride_kb, stride_ks, v_col, stride_cb, stride_cs,
                     stride_bb, stride_bt, stride_bs, stride_ob, stride_ot,
                     GROUP: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr, HALF_TABLE: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr, SCALE: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr, SCALE: tl.constexpr,
+                    PDL: tl.constexpr):
+        if PDL:
+            dependent_start()
         half: tl.constexpr = D // 2
         part = tl.program_id(0) % SPLIT
         offs_m = (tl.program_id(0) // SPLIT) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -115,8 +119,10 @@ def _triton():
 
     @triton.jit
     def merge_kernel(o_ptr, acc_ptr, ml_ptr, T, t_pad, stride_ob, stride_ot,
-                     D: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr):
+                     D: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, PDL: tl.constexpr):
         """The SPLIT spans of one (batch, head, block of query rows) merged by their log-sum-exp (log2 domain)."""
+        if PDL:
+            dependent_start()
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         head = tl.program_id(1)
         b = tl.program_id(2)
@@ -172,12 +178,15 @@ def text_attention(
     row_sums: torch.Tensor | None = None,
     row_dim: int = 0,
     eps: float = 0.0,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """softmax(rope(q) rope(k)^T * scale + bias) v for every query head -> (B, T, Hq * D) (check `supported`
     first). half_table: cos/sin repeat their first half (transformers' RoPE), so only it is read. split: key
     spans per (batch, head, query block); None: enough to give every SM a program. row_sums: skinny.linear_residual's
     sums of squares (B*T,) of the text rows (row_dim wide), which q and the last T rows of kv were
-    projected from without dividing by their RMS (eps: the norm's): each query and text key/value is divided here."""
+    projected from without dividing by their RMS (eps: the norm's): each query and text key/value is divided here.
+    pdl: both kernels launched as programmatic dependents of the kernel before (skinny.pdl_supported): each waits
+    for its writes before reading anything."""
     b, t, qd = q.shape
     s = kv.shape[1]
     hkv = kv.shape[-1] // (2 * head_dim)
@@ -194,6 +203,7 @@ def text_attention(
                          f"and a power-of-two head_dim from 32 to {MAX_HEAD_DIM}; got {q.dtype} q on {q.device}, "
                          f"{kv.dtype} kv, head_dim {head_dim} (check supported() and use fused.attend otherwise)")
     triton, span_kernel, merge_kernel = _triton()
+    skinny.check_pdl(pdl, q)
     if row_sums is not None:
         skinny.check_sums(row_sums, b * t)
         if row_dim < 1:
@@ -218,13 +228,13 @@ def text_attention(
         q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), hkv * head_dim, cos.stride(0), cos.stride(1),
         bias.stride(0), bias.stride(2), bias.stride(3), out.stride(0), out.stride(1),
         GROUP=hq // hkv, D=head_dim, SPLIT=split, HALF_TABLE=half_table, BLOCK_M=block_m, BLOCK_N=block_n,
-        STAGES=stages, SCALE=row_sums is not None, num_warps=warps,
+        STAGES=stages, SCALE=row_sums is not None, PDL=pdl, num_warps=warps, launch_pdl=pdl,
     )
     if split > 1:
         merge_block = 16
         merge_kernel[(triton.cdiv(t, merge_block), hq, b)](
             out, acc, ml, t, t_pad, out.stride(0), out.stride(1), D=head_dim, SPLIT=split, BLOCK_M=merge_block,
-            num_warps=4,
+            PDL=pdl, num_warps=4, launch_pdl=pdl,
         )
     return out
 
