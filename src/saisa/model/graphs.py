@@ -69,7 +69,14 @@ class GraphedForward:
             self.graph = torch.cuda.CUDAGraph()
             # Captured on a high-priority stream: the text layers (memory-bound) are then scheduled ahead of the
             # visual path when it runs on the model's side stream (compute-bound), so the two can share the SMs.
+            # One more warm-up on that stream first, so that its first GEMMs (where torch sets up a stream's BLAS
+            # workspace) run outside the capture. A tiny llava graph once failed inside the capture, in a cuBLASLt
+            # batched GEMM on an H100 (the cause was not confirmed; the run before and after passed).
             capture = torch.cuda.Stream(device, priority=-1)
+            capture.wait_stream(torch.cuda.current_stream(device))
+            with torch.no_grad(), torch.cuda.stream(capture):
+                self._run()
+            torch.cuda.current_stream(device).wait_stream(capture)
             with torch.no_grad(), torch.cuda.graph(self.graph, stream=capture):
                 self.logits = self._run()
 
