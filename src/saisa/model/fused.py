@@ -11,7 +11,8 @@ text queries one tile, so 32 blocks loop over the keys on a 132-SM H100, where t
 spread the same work over the whole GPU (20 against 13 us per layer at t=64: profile-prefill-h100-t64.json); on CUDA
 text_attention's Triton kernels do RoPE, attention and the merge of key spans in two launches (ATTENTION "triton").
 `skinny_layer_step` is the same layer with no norm kernel (STEP "skinny"): each RMSNorm's division by the row's RMS
-is deferred into the kernels that read its output, and the sums of squares come from the GEMM before it.
+is deferred into the kernels that read its output, and the sums of squares come from the GEMM before it; on Hopper
+its kernels, all but the k/v GEMM, are programmatic dependent launches that overlap the end of the one before.
 """
 
 from __future__ import annotations
