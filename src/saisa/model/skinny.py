@@ -7,10 +7,11 @@ FFN's first half in one kernel: 2.70 TB/s at Vicuna-7B's shapes on an H100 again
 the product, so the compiled text layers use it (fused.FFN). `linear` alone only matched cuBLAS (q/o/down_proj,
 2.3-2.5 TB/s both; benchmarks/results/skinny-gemms-h100-t64.json); the skinny step runs q_proj with it so that
 every kernel but the k/v GEMM can be a programmatic dependent launch (`pdl`: each kernel's programs start as the
-one before's leave the SMs, send their first weight lines to L2 and wait for its writes). `linear_residual` is `linear` with an epilogue that makes the next RMSNorm free: the residual add,
-the rows times the norm's weight, the rows' sums of squares (fp32 atomics); `gate_up` then divides by the RMS
-(fused.skinny_layer_step). At o_proj it took 15.8 us against 16.7 for cuBLAS + the add and norm, at down_proj
-39.7 against 40.0 (skinny-residual-coresident-h100-t64.json, "residual"). Triton is imported lazily: the
+one before's leave the SMs, send their first weight lines to L2 and wait for its writes). `linear_residual` is
+`linear` with an epilogue that makes the next RMSNorm free: the residual add, the rows times the norm's weight,
+the rows' sums of squares (fp32 atomics); `gate_up` then divides by the RMS (fused.skinny_layer_step). At o_proj
+it took 15.8 us against 16.7 for cuBLAS + the add and norm, at down_proj 39.7 against 40.0
+(skinny-residual-coresident-h100-t64.json, "residual"). Triton is imported lazily: the
 functions exist on every machine, and `supported` says when they can run (CUDA, Triton, shapes that tile).
 """
 
@@ -196,7 +197,13 @@ class _Kernels(NamedTuple):
 def pdl_supported(device: torch.device) -> bool:
     """Programmatic dependent launch (the `pdl` of this package's kernels) needs a Hopper or later GPU and a Triton
     with griddepcontrol (tl.extra.cuda.gdc_wait)."""
-    if device.type != "cuda" or triton_modules() is None or torch.cuda.get_device_capability(device)[0] < 9:
+    return device.type == "cuda" and _pdl_supported(device.index if device.index is not None else
+                                                     torch.cuda.current_device())
+
+
+@functools.cache
+def _pdl_supported(index: int) -> bool:  # asked at every launch with pdl: once per device
+    if triton_modules() is None or torch.cuda.get_device_capability(index)[0] < 9:
         return False
     return hasattr(getattr(triton_modules()[1].extra, "cuda", None), "gdc_wait")
 
