@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from saisa.bench.timing import time_fn
 from saisa.model import skinny
 from saisa.model import text_attention as text_attention_module
 from saisa.model.decoder import apply_rope
@@ -389,15 +390,8 @@ def pdl_section(rows: int, layers: int, dev, sv: int = 576, rounds: int = 5, til
     medians: dict[str, list[float]] = {name: [] for name in graphs}
     for _ in range(rounds):
         for name, g in graphs.items():
-            times = []
-            for _ in range(20):
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                g.replay()
-                b.record()
-                b.synchronize()
-                times.append(a.elapsed_time(b) * 1000 / layers)
-            medians[name].append(statistics.median(times))
+            replay = lambda i, g=g: g.replay()
+            medians[name].append(time_fn(replay, dev, warmup=1, repeats=20).median_ms * 1000 / layers)
     out["us_per_layer"] = {name: round(statistics.median(m), 2) for name, m in medians.items()}
     out["round_us"] = {name: [round(x, 2) for x in m] for name, m in medians.items()}
     print("pdl:", out["checks"], out["us_per_layer"])
@@ -669,38 +663,22 @@ def main() -> None:
     if "attention-ncu" in sections:
         attention_ncu(dev)
         return
-    if "attention" in sections:
-        results["attention"] = attention_section(args.layers, dev)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=1))
-    if "residual" in sections:
-        results["residual"] = residual_section(args.rows, args.layers, args.budget_s, args.quick, dev)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=1))
-    if "grouped" in sections:
-        results["grouped"] = grouped_section(args.rows, args.layers, dev)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=1))
-    if "carveout" in sections:
-        results["carveout"] = carveout_section(args.rows, args.layers, dev)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=1))
-    if "overlap" in sections:
-        results["overlap"] = overlap_section(args.rows, args.layers, dev)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=1))
-    if "coresident" in sections:
-        results["coresident"] = coresident_section(args.rows, args.layers, dev)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=1))
-    if "prefetch" in sections:
-        results["prefetch"] = prefetch_section(args.layers, dev)
-        Path(args.out).write_text(json.dumps(results, indent=1))
-    if "pdl" in sections or "pdl-tiles" in sections:
-        key = "pdl" if "pdl" in sections else "pdl-tiles"
-        results[key] = pdl_section(args.rows, args.layers, dev, tiles=key == "pdl-tiles")
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=1))
+    runs = {  # section -> what it measures, in the order they run; the JSON is rewritten after each
+        "attention": lambda: attention_section(args.layers, dev),
+        "residual": lambda: residual_section(args.rows, args.layers, args.budget_s, args.quick, dev),
+        "grouped": lambda: grouped_section(args.rows, args.layers, dev),
+        "carveout": lambda: carveout_section(args.rows, args.layers, dev),
+        "overlap": lambda: overlap_section(args.rows, args.layers, dev),
+        "coresident": lambda: coresident_section(args.rows, args.layers, dev),
+        "prefetch": lambda: prefetch_section(args.layers, dev),
+        "pdl": lambda: pdl_section(args.rows, args.layers, dev),
+        "pdl-tiles": lambda: pdl_section(args.rows, args.layers, dev, tiles=True),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    for name, run in runs.items():
+        if name in sections:
+            results[name] = run()
+            Path(args.out).write_text(json.dumps(results, indent=1))
     for name, (n, k, per) in SHAPES.items() if "gemms" in sections else ():
         x = torch.randn(args.rows, k, device=dev, dtype=torch.bfloat16)
         ws = [[torch.randn(n, k, device=dev, dtype=torch.bfloat16) * k**-0.5 for _ in range(per)]
@@ -735,7 +713,6 @@ def main() -> None:
         bad = [e for e in row["triton"] if "us" not in e]
         print(f"  ({len(timed)} timed, {len(bad)} failed or wrong)")
         results["shapes"][name] = row
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=1))
         del ws
         torch.cuda.empty_cache()

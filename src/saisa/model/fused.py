@@ -175,12 +175,8 @@ def skinny_layer_step(
     the SMs the one before leaves, send the first `prefetch` 128-byte lines of their weight rows to L2 (weights
     do not depend on the kernel before) and wait for its writes."""
     residual, gate_up = skinny.RESIDUAL._replace(prefetch=prefetch), skinny.GATE_UP._replace(prefetch=prefetch)
-    if pdl:
-        q = skinny.linear(x_ln, w.wq, residual, pdl=True)
-        kv = F.linear(inputs, w.wkv)  # (B, Sv + T, 2k)
-    else:
-        kv = F.linear(inputs, w.wkv)
-        q = F.linear(x_ln, w.wq)
+    q = skinny.linear(x_ln, w.wq, residual, pdl=True) if pdl else F.linear(x_ln, w.wq)
+    kv = F.linear(inputs, w.wkv)  # (B, Sv + T, 2k)
     attn = text_attention.text_attention(q, kv, cos, sin, attn_bias, head_dim, half_table=rope_half,
                                          row_sums=row_sums, row_dim=hidden.shape[-1], eps=eps, pdl=pdl)
     hidden, x_ln, row_sums = skinny.linear_residual(attn, w.wo, hidden, w.ln2, sums=sums[0], tiles=residual,

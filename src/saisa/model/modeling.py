@@ -60,6 +60,17 @@ from .visual_kv import (
     saisa_visual_kv,
 )
 
+
+def _column_index(cols: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """cols (B, T) as a gather/scatter index over x's (B, *, h) rows."""
+    return cols.unsqueeze(-1).expand(-1, -1, x.shape[-1])
+
+
+def _columns(x: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """The rows `cols` (B, T) of x (B, L, h): (B, T, h)."""
+    return x.gather(1, _column_index(cols, x))
+
+
 # A projector activation (config.projector_hidden_act) -> its form in the compiled visual step (fused.GELU); the
 # compiled path serves only these.
 PROJECTOR_GELU = {"gelu": "exact", "gelu_pytorch_tanh": "tanh", "gelu_new": "tanh"}
@@ -541,8 +552,7 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         cols = layout.text_columns
         if cols is not None:  # drop the placeholder rows: T = text tokens exactly (and the paper's FLOPs)
             n_vis = mask.shape[-1] - text_h.shape[1]
-            take = lambda x: x.gather(1, cols.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-            cos, sin = take(cos), take(sin)
+            cos, sin = _columns(cos, cols), _columns(sin, cols)
             key_cols = torch.cat([torch.arange(n_vis, device=cols.device).expand(cols.shape[0], -1), n_vis + cols], 1)
             mask = mask.gather(2, cols[:, None, :, None].expand(-1, 1, -1, mask.shape[-1]))
             mask = mask.gather(3, key_cols[:, None, None, :].expand(-1, 1, mask.shape[2], -1))
@@ -564,7 +574,7 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         cols, key_cos, key_sin, attn_bias = self._prefill_tables(text_h, layout, features.shape[1])
         hidden = text_h
         if cols is not None:
-            hidden = text_h.gather(1, cols.unsqueeze(-1).expand(-1, -1, text_h.shape[-1]))
+            hidden = _columns(text_h, cols)
         stream = self._visual_stream if text_h.is_cuda else None
         inputs, events = saisa_visual_inputs(
             len(self.layers), self.multi_modal_projector, features, layout, eps, hidden.shape[1],
@@ -576,8 +586,7 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         else:
             hidden = self._compiled_layers(hidden, inputs, events, attn_bias, key_cos, key_sin, eps, head_dim)
         if cols is not None:  # placeholder rows come back as zeros (their logits carry no meaning)
-            hidden = text_h.new_zeros(text_h.shape).scatter(1, cols.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]),
-                                                            hidden)
+            hidden = text_h.new_zeros(text_h.shape).scatter(1, _column_index(cols, hidden), hidden)
         return hidden
 
     def _compiled_layers(self, hidden, inputs, events, attn_bias, cos, sin, eps, head_dim) -> torch.Tensor:

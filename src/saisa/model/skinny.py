@@ -43,7 +43,8 @@ GATE_UP = Tiles(block_n=32, block_k=128, stages=6, warps=4)
 RESIDUAL = Tiles(block_n=32, block_k=128, stages=6, warps=4)
 # Lines of each weight row a programmatic dependent launch sends to L2 before it waits (fused.skinny_layer_step):
 # on an H100, 32 skinny layers took 210.9 us per layer with 4, 211.5 with none, 210.5 with 16, 215.9 launched in
-# turn (benchmarks/results/skinny-pdl-h100-t64.json); 4 was the fastest of 0-32 in two earlier runs.
+# turn (benchmarks/results/skinny-pdl-h100-t64.json); in an earlier run 4 was the fastest of 0-32, 213.4 against
+# 214.7 with none and 218.2 in turn (skinny-pdl-h100-t64-first.json).
 PREFETCH = 4
 MAX_ROWS = 64  # more rows: GATE_UP's pipeline no longer fits in shared memory, and the GEMM nears compute-bound
 
