@@ -11,7 +11,11 @@ the visual GEMMs on a side stream inside the FFN kernel's SMs; "overlap", the pe
 low-priority side stream beside a whole text layer's GEMMs; "carveout", q_proj on a side stream beside the k/v GEMM,
 which cuBLASLt is told to leave SMs free for; "prefetch", whether an L2 prefetch of W_q issued before the k/v GEMM
 hides q_proj's weight reads; "pdl", whole skinny text layers with their kernels launched in turn against
-programmatic dependent launches that prefetch weight lines before waiting. Prints tables; JSON to --out (rewritten after each part).
+programmatic dependent launches that prefetch weight lines before waiting; "partition", the visual path (projector
+and visual k/v GEMMs) beside a text chain with no compute-bound GEMM, on plain streams or CUDA green contexts;
+"hold", W_q or W_o bulk-prefetched to L2 (evict_last) on a side stream during the k/v GEMM; "tma", skinny's
+GEMMs with TMA descriptor loads; "w1", the projectors' first GEMM with its bias and exact GELU as one Triton GEMM;
+"tunable", torch's TunableOp on the compute-bound GEMMs. Prints tables; JSON to --out (rewritten after each part).
 
     PYTHONPATH=src python3 scripts/profile_skinny.py --out $OUT/skinny.json --sections gemms --quick
     PYTHONPATH=src python3 scripts/profile_skinny.py --out $OUT/attention.json --sections attention
@@ -639,6 +643,444 @@ def carveout_section(rows: int, layers: int, dev, sv: int = 576) -> dict:
     return out
 
 
+def partition_section(rows: int, layers: int, dev, sv: int = 576, d: int = 1024) -> dict:
+    """Can the visual path (compute-bound) run beside the text layers (memory-bound) if neither shares a GEMM?
+    Text chain (pdl): q_proj, the text rows' k/v (skinny.linear into the layer's k/v buffer after its visual
+    rows), text_attention, o_proj, gate_up, down_proj. Visual chain: each layer's projector MLP (Z W1^T, GELU,
+    W2) and its visual rows' k/v GEMM (cuBLAS) into the same buffer; text layer i's attention waits for visual
+    layer i. Each chain alone (on all SMs, or on a CUDA green context of n SMs), and both at once on two streams
+    (plain streams with priorities, or one side on a green context). us per layer of one CUDA graph."""
+    from torch.cuda.green_contexts import GreenContext
+
+    h, f, hd, eps = 4096, 11008, 128, 1e-5
+    bf = {"device": dev, "dtype": torch.bfloat16}
+    mk = lambda *shape: torch.randn(*shape, **bf) * shape[-1] ** -0.5
+    ln = lambda: 1 + 0.1 * torch.randn(h, **bf)
+    text = [{"wq": mk(h, h), "wkv": mk(2 * h, h), "wo": mk(h, h), "ln1": ln(), "ln2": ln(), "wg": mk(f, h),
+             "wu": mk(f, h), "wd": mk(h, f)} for _ in range(layers)]
+    vis = [(mk(h, d), mk(h, h)) for _ in range(layers)]
+    z = torch.randn(sv, d, **bf)
+    xv = torch.empty(sv, h, **bf)
+    kvbuf = torch.randn(layers, 1, sv + rows, 2 * h, **bf)
+    s_all = sv + rows
+    cos, sin = rope_tables(1, s_all, hd, dev)
+    bias = torch.zeros(1, 1, rows, s_all, **bf)
+    bias[..., sv:] = torch.triu(torch.full((rows, rows), float("-inf"), device=dev), 1).to(torch.bfloat16)
+    hidden0 = torch.randn(1, rows, h, **bf)
+    x0 = hidden0 * text[0]["ln1"]
+    ss0 = hidden0.float().pow(2).sum(-1).flatten()
+    sums = torch.zeros(layers, 2, rows, device=dev)
+    residual, gate_up_tiles = (t._replace(prefetch=skinny.PREFETCH) for t in (skinny.RESIDUAL, skinny.GATE_UP))
+    events = [torch.cuda.Event() for _ in range(layers)]
+
+    def visual_layer(i):
+        torch.mm(F.gelu(F.linear(z, vis[i][0]), approximate="none"), vis[i][1].t(), out=xv)
+        torch.mm(xv, text[i]["wkv"].t(), out=kvbuf[i, 0, :sv])
+
+    def text_chain(wait):
+        sums.zero_()
+        hidden, x_ln, ss = hidden0, x0, ss0
+        for i, w in enumerate(text):
+            q = skinny.linear(x_ln, w["wq"], residual, pdl=True)
+            skinny.linear(hidden, w["wkv"], residual, pdl=True, out=kvbuf[i, 0, sv:])
+            if wait:
+                torch.cuda.current_stream().wait_event(events[i])
+            attn = text_attention(q, kvbuf[i], cos, sin, bias, hd, half_table=True, row_sums=ss, row_dim=h, eps=eps,
+                                  pdl=True)
+            hidden, x_ln, ss = skinny.linear_residual(attn, w["wo"], hidden, w["ln2"], sums=sums[i, 0], tiles=residual,
+                                                      pdl=True)
+            inner = skinny.gate_up(x_ln, w["wg"], w["wu"], gate_up_tiles, ss=ss, eps=eps, pdl=True)
+            nxt = text[i + 1]["ln1"] if i + 1 < layers else None
+            hidden, x_ln, ss = skinny.linear_residual(inner, w["wd"], hidden, nxt, sums=sums[i, 1], tiles=residual,
+                                                      pdl=True)
+
+    def visual_chain(record):
+        for i in range(layers):
+            visual_layer(i)
+            if record:
+                events[i].record()
+
+    contexts = []
+
+    def green(n):
+        ctx = GreenContext.create(num_sms=n, device_id=dev.index or 0)
+        contexts.append(ctx)
+        return ctx.Stream()
+
+    high = torch.cuda.Stream(dev, priority=-5)
+    low = torch.cuda.Stream(dev, priority=0)
+
+    def both(text_stream, vis_stream):
+        def run():
+            cur = torch.cuda.current_stream()
+            for s in (text_stream, vis_stream):
+                s.wait_stream(cur)
+            with torch.cuda.stream(vis_stream):
+                visual_chain(True)
+            with torch.cuda.stream(text_stream):
+                text_chain(True)
+            cur.wait_stream(text_stream)
+            cur.wait_stream(vis_stream)
+        return run
+
+    def alone(chain, stream):
+        def run():
+            cur = torch.cuda.current_stream()
+            stream.wait_stream(cur)
+            with torch.cuda.stream(stream):
+                chain()
+            cur.wait_stream(stream)
+        return run
+
+    out = {"copy_tb_per_s": round(copy_tbps(), 3), "sms": torch.cuda.get_device_properties(dev).multi_processor_count,
+           "us_per_layer": {}, "errors": {}}
+    runs = {"text alone": alone(lambda: text_chain(False), high),
+            "visual alone": alone(lambda: visual_chain(False), low),
+            "serial (visual, then text)": lambda: (visual_chain(False), text_chain(False)),
+            "both, plain streams (text high priority)": both(high, low)}
+    for n in (44, 66, 88):
+        g = green(n)
+        runs[f"text alone, green {n}"] = alone(lambda: text_chain(False), g)
+        runs[f"visual alone, green {n}"] = alone(lambda: visual_chain(False), g)
+        runs[f"both, visual green {n}, text all SMs"] = both(high, g)
+        runs[f"both, text green {n}, visual all SMs"] = both(g, low)
+    for name, run in runs.items():
+        try:
+            out["us_per_layer"][name] = round(graph_us([run], reps=20) / layers, 1)
+        except Exception as e:  # noqa: BLE001 (a setting that cannot be captured: record it, time the rest)
+            out["errors"][name] = f"{type(e).__name__}: {str(e)[:300]}"
+            torch.cuda.synchronize()
+        print(name, out["us_per_layer"].get(name), out["errors"].get(name, ""), flush=True)
+    return out
+
+
+@functools.cache
+def l2_hold_kernels():
+    """Two Triton kernels over a weight's 16 KB chunks: `hold` sends them to L2 by bulk prefetches (evict_last: with
+    an L2 cache policy that keeps them ahead of ordinary lines; else no hint), from few programs, so it can run on
+    the SMs a GEMM leaves free; `release` sets their lines back to the normal eviction priority."""
+    triton, tl = skinny.triton_modules()
+
+    @triton.jit
+    def hold(ptr, chunks, LANES: tl.constexpr, LAST: tl.constexpr):
+        for start in range(tl.program_id(0) * LANES, chunks, tl.num_programs(0) * LANES):
+            idx = start + tl.arange(0, LANES)
+            p = ptr + tl.where(idx < chunks, idx, 0).to(tl.int64) * 8192
+            if LAST:
+                tl.inline_asm_elementwise(
+                    "{\n\t.reg .b64 pol;\n\tcreatepolicy.fractional.L2::evict_last.b64 pol, 1.0;\n\t"
+                    "cp.async.bulk.prefetch.L2.global.L2::cache_hint [$1], 16384, pol;\n\t}\n\tmov.u32 $0, 0;",
+                    "=r,l", [p], dtype=tl.int32, is_pure=False, pack=1)
+            else:
+                tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], 16384;\n\tmov.u32 $0, 0;",
+                                          "=r,l", [p], dtype=tl.int32, is_pure=False, pack=1)
+
+    @triton.jit
+    def release(ptr, lines, BLOCK: tl.constexpr):
+        idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        p = ptr + tl.where(idx < lines, idx, 0).to(tl.int64) * 64
+        tl.inline_asm_elementwise("applypriority.global.L2::evict_normal [$1], 128;\n\tmov.u32 $0, 0;", "=r,l",
+                                  [p], dtype=tl.int32, is_pure=False, pack=1)
+
+    def run_hold(w, last, programs=4):
+        hold[(programs,)](w, w.numel() * 2 // 16384, LANES=128, LAST=last, num_warps=4)
+
+    def run_release(w):
+        lines = w.numel() * 2 // 128
+        release[(triton.cdiv(lines, 1024),)](w, lines, BLOCK=1024, num_warps=4)
+    return run_hold, run_release
+
+
+def hold_section(rows: int, layers: int, dev, sv: int = 576, rounds: int = 5) -> dict:
+    """Can the k/v GEMM (compute-bound, ~56 us, leaving HBM half idle) bring the next memory-bound GEMM's weights
+    into L2? Whole skinny text layers (pdl) in one graph, the k/v GEMM before or after q_proj; on a side stream, forked
+    just before the k/v GEMM, a 4-program kernel bulk-prefetches W_q (or W_o) to L2, without a hint or with an
+    evict_last policy (so the k/v GEMM's own traffic does not evict it), optionally followed by a kernel that sets
+    those lines back to normal priority once the GEMM that reads them is done. us per layer, interleaved rounds;
+    each variant checked against the first."""
+    from saisa.model.fused import TextLayer
+
+    hold, release = l2_hold_kernels()
+    h, f, hd, eps = 4096, 11008, 128, 1e-5
+    s_all = sv + rows
+    mk = lambda *shape: torch.randn(*shape, device=dev, dtype=torch.bfloat16) * shape[-1] ** -0.5
+    ws = [TextLayer(ln1=1 + 0.1 * torch.randn(h, device=dev, dtype=torch.bfloat16), wq=mk(h, h), bq=None,
+                    wkv=mk(2 * h, h), bkv=None, wo=mk(h, h), ln2=1 + 0.1 * torch.randn(h, device=dev,
+                    dtype=torch.bfloat16), wg=mk(f, h), wu=mk(f, h), wd=mk(h, f)) for _ in range(layers)]
+    inputs = [torch.randn(1, s_all, h, device=dev, dtype=torch.bfloat16) for _ in range(layers)]
+    cos, sin = rope_tables(1, s_all, hd, dev)
+    bias = torch.zeros(1, 1, rows, s_all, device=dev, dtype=torch.bfloat16)
+    bias[..., sv:] = torch.triu(torch.full((rows, rows), float("-inf"), device=dev), 1).to(torch.bfloat16)
+    hidden0 = torch.randn(1, rows, h, device=dev, dtype=torch.bfloat16)
+    x0 = hidden0 * ws[0].ln1
+    ss0 = hidden0.float().pow(2).sum(-1).flatten()
+    sums = torch.zeros(layers, 2, rows, device=dev)
+    residual, gate_up_tiles = (t._replace(prefetch=skinny.PREFETCH) for t in (skinny.RESIDUAL, skinny.GATE_UP))
+    side = torch.cuda.Stream(dev)
+    result: list[torch.Tensor] = []
+
+    def chain(kv_first: bool, target: str | None, last: bool, reset: bool, programs: int = 4):
+        def run():
+            cur = torch.cuda.current_stream()
+            sums.zero_()
+            hidden, x_ln, ss = hidden0, x0, ss0
+            for i, w in enumerate(ws):
+                held = {"q": w.wq, "o": w.wo, None: None}[target]
+                if not kv_first:
+                    q = skinny.linear(x_ln, w.wq, residual, pdl=True)
+                if held is not None:
+                    side.wait_stream(cur)
+                    with torch.cuda.stream(side):
+                        hold(held, last, programs)
+                kv = F.linear(inputs[i], w.wkv)
+                if kv_first:
+                    q = skinny.linear(x_ln, w.wq, residual, pdl=True)
+                    if reset and target == "q":
+                        release(w.wq)
+                attn = text_attention(q, kv, cos, sin, bias, hd, half_table=True, row_sums=ss, row_dim=h, eps=eps,
+                                      pdl=True)
+                hidden, x_ln, ss = skinny.linear_residual(attn, w.wo, hidden, w.ln2, sums=sums[i, 0], tiles=residual,
+                                                          pdl=True)
+                if reset and target == "o":
+                    release(w.wo)
+                inner = skinny.gate_up(x_ln, w.wg, w.wu, gate_up_tiles, ss=ss, eps=eps, pdl=True)
+                nxt = ws[i + 1].ln1 if i + 1 < layers else None
+                hidden, x_ln, ss = skinny.linear_residual(inner, w.wd, hidden, nxt, sums=sums[i, 1], tiles=residual,
+                                                          pdl=True)
+            if target is not None:
+                cur.wait_stream(side)
+            result[:] = [hidden]
+        return run
+
+    settings = {  # name -> (k/v GEMM first, weight held, evict_last, release after use[, programs])
+        "q first (default)": (False, None, False, False),
+        "kv first": (True, None, False, False),
+        "kv first, W_q prefetched": (True, "q", False, False),
+        "kv first, W_q held (evict_last)": (True, "q", True, False),
+        "kv first, W_q held, released": (True, "q", True, True),
+        "kv first, W_q held, 16 programs": (True, "q", True, False, 16),
+        "kv first, W_q held, 64 programs": (True, "q", True, False, 64),
+        "kv first, W_q prefetched, 64 programs": (True, "q", False, False, 64),
+        "q first, W_o held, 64 programs": (False, "o", True, False, 64),
+        "q first, W_o held (evict_last)": (False, "o", True, False),
+        "q first, W_o held, released": (False, "o", True, True),
+    }
+    out: dict = {"copy_tb_per_s": round(copy_tbps(), 3), "checks": {}, "us_per_layer": {}}
+    graphs = {}
+    ref = None
+    for name, args in settings.items():
+        try:
+            run = chain(*args)
+            run()
+            torch.cuda.synchronize()
+            if ref is None:
+                ref = result[0].float().clone()
+            out["checks"][name] = round(((result[0].float() - ref).norm() / ref.norm()).item(), 6)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                run()
+            g.replay()
+            torch.cuda.synchronize()
+            graphs[name] = g
+        except Exception as e:  # noqa: BLE001 (a compile or launch error: record it, time the rest)
+            out["checks"][name] = f"{type(e).__name__}: {str(e)[:300]}"
+    medians: dict[str, list[float]] = {name: [] for name in graphs}
+    for _ in range(rounds):
+        for name, g in graphs.items():
+            medians[name].append(time_fn(lambda i, g=g: g.replay(), dev, warmup=1, repeats=20).median_ms * 1000 / layers)
+    out["us_per_layer"] = {name: round(statistics.median(m), 2) for name, m in medians.items()}
+    out["round_us"] = {name: [round(x, 2) for x in m] for name, m in medians.items()}
+    for name in settings:
+        print(f"{name}: {out['us_per_layer'].get(name)} us/layer, check {out['checks'][name]}", flush=True)
+    return out
+
+
+@functools.cache
+def tma_kernels():
+    """skinny's gate_up and linear with their loads as TMA tensor-descriptor copies instead of pointer loads."""
+    triton, tl = skinny.triton_modules()
+
+    @triton.jit
+    def tma_gate_up(x_desc, wg_desc, wu_desc, y_ptr, M, K, stride_ym, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
+        off_n = tl.program_id(0) * BLOCK_N
+        gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+            x = x_desc.load([0, k])
+            gate = tl.dot(x, wg_desc.load([off_n, k]).T, gate)
+            up = tl.dot(x, wu_desc.load([off_n, k]).T, up)
+        dtype = y_ptr.dtype.element_ty
+        g = gate.to(dtype).to(tl.float32)
+        h = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32) * up.to(dtype).to(tl.float32)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_n = off_n + tl.arange(0, BLOCK_N)
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], h.to(dtype), mask=offs_m[:, None] < M)
+
+    @triton.jit
+    def tma_linear(x_desc, w_desc, y_ptr, M, K, stride_ym, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
+        off_n = tl.program_id(0) * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+            acc = tl.dot(x_desc.load([0, k]), w_desc.load([off_n, k]).T, acc)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_n = off_n + tl.arange(0, BLOCK_N)
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=offs_m[:, None] < M)
+
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    def run(x, ws, y, bn, bk, stages, warps):
+        m, k = x.shape
+        xd = TensorDescriptor(x, [m, k], [k, 1], [64, bk])
+        wds = [TensorDescriptor.from_tensor(w, [bn, bk]) for w in ws]
+        kernel = tma_gate_up if len(ws) == 2 else tma_linear
+        kernel[(ws[0].shape[0] // bn,)](xd, *wds, y, m, k, y.stride(0), BLOCK_M=64, BLOCK_N=bn, BLOCK_K=bk,
+                                        STAGES=stages, num_warps=warps)
+    return run
+
+
+def tma_section(rows: int, layers: int, dev) -> dict:
+    """skinny's kernels against the same GEMMs with TMA loads, at the text GEMMs' shapes (us per call over `layers`
+    distinct weights, TB/s of weight read), each checked against cuBLAS."""
+    run = tma_kernels()
+    out = {"copy_tb_per_s": round(copy_tbps(), 3)}
+    for name, (n, k, per) in SHAPES.items():
+        x = torch.randn(rows, k, device=dev, dtype=torch.bfloat16)
+        ws = [[torch.randn(n, k, device=dev, dtype=torch.bfloat16) * k**-0.5 for _ in range(per)]
+              for _ in range(layers)]
+        gb = per * n * k * 2 / 1e9
+        ref = reference(x, per)(ws[0]).float()
+        tiles = skinny.GATE_UP if per == 2 else skinny.RESIDUAL
+        ours = candidate(x, per)
+        us = graph_us([lambda w=w, t=tiles, f=ours: f(w, t) for w in ws])
+        row = {"skinny": {"us": round(us, 2), "tb_per_s": round(gb / us * 1e3, 3)}, "tma": []}
+        y = torch.empty(rows, n, device=dev, dtype=torch.bfloat16)
+        for bn, bk, stages, warps in itertools.product((16, 32, 64), (64, 128, 256), (3, 4, 6, 8), (4,)):
+            if (64 + per * bn) * bk * 2 * stages > 220_000:
+                continue
+            try:
+                run(x, ws[0], y, bn, bk, stages, warps)
+                err = ((y.float() - ref).norm() / ref.norm()).item()
+                tus = graph_us([lambda w=w, a=(x, y, bn, bk, stages, warps): run(a[0], w, *a[1:]) for w in ws])
+                row["tma"].append({"tiles": [bn, bk, stages, warps], "rel_err": round(err, 5), "us": round(tus, 2),
+                                   "tb_per_s": round(gb / tus * 1e3, 3)})
+            except Exception as e:  # noqa: BLE001 (out of resources, a compile error: record and go on)
+                row["tma"].append({"tiles": [bn, bk, stages, warps], "error": f"{type(e).__name__}: {str(e)[:160]}"})
+        best = sorted((e for e in row["tma"] if "us" in e), key=lambda e: e["us"])
+        row["best"] = best[:5]
+        print(name, row["skinny"], best[:3], flush=True)
+        out[name] = row
+        del ws
+        torch.cuda.empty_cache()
+    return out
+
+
+@functools.cache
+def gelu_gemm():
+    """GELU(x W^T + b) in its exact (erf) form as one Triton GEMM with TMA loads, rounded as the reference rounds
+    (the product to bf16, the bias add to bf16, GELU in fp32 to bf16): the projector's first GEMM and the GELU pass
+    after it in one kernel."""
+    triton, tl = skinny.triton_modules()
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    @triton.jit
+    def kernel(a_desc, b_desc, bias_ptr, c_desc, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_K: tl.constexpr, STAGES: tl.constexpr, GROUP_M: tl.constexpr):
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_n = N // BLOCK_N
+        group = pid // (GROUP_M * num_n)
+        first_m = group * GROUP_M
+        size_m = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
+        pid_n = (pid % (GROUP_M * num_n)) // size_m
+        off_m, off_n = pid_m * BLOCK_M, pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+            acc = tl.dot(a_desc.load([off_m, k]), b_desc.load([off_n, k]).T, acc)
+        dtype = c_desc.dtype
+        bias = tl.load(bias_ptr + off_n + tl.arange(0, BLOCK_N)).to(tl.float32)
+        x = (acc.to(dtype).to(tl.float32) + bias[None, :]).to(dtype).to(tl.float32)
+        c_desc.store([off_m, off_n], (0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))).to(dtype))
+
+    def run(a, w, b, out, bm, bn, bk, stages, warps, group=8):
+        m, k = a.shape
+        n = w.shape[0]
+        grid = (triton.cdiv(m, bm) * (n // bn),)
+        kernel[grid](TensorDescriptor.from_tensor(a, [bm, bk]), TensorDescriptor.from_tensor(w, [bn, bk]), b,
+                     TensorDescriptor.from_tensor(out, [bm, bn]), m, n, k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                     STAGES=stages, GROUP_M=group, num_warps=warps)
+    return run
+
+
+def w1_section(dev, layers: int = 32, sv: int = 576, d: int = 1024, h: int = 4096) -> dict:
+    """The projectors' first GEMM for all layers (Z (sv, d) x W1 (layers*h, d)^T) with bias and exact GELU: cuBLAS
+    and the fused pass (as the model runs it), against one Triton GEMM with the bias and GELU in its epilogue.
+    us per call (graphs of 8 calls), the fraction of outputs bit-equal to the reference, relative error."""
+    run = gelu_gemm()
+    bf = {"device": dev, "dtype": torch.bfloat16}
+    z = torch.randn(sv, d, **bf)
+    w1 = torch.randn(layers * h, d, **bf) * d**-0.5
+    b1 = torch.randn(layers * h, **bf) * 0.1
+    out = torch.empty(sv, layers * h, **bf)
+    ref = F.gelu(F.linear(z, w1) + b1)
+    fused = torch.compile(lambda x, b: F.gelu(x + b))
+    res = {"cublas + gelu pass": round(graph_us([lambda: fused(F.linear(z, w1), b1)] * 8), 1),
+           "cublas alone": round(graph_us([lambda: F.linear(z, w1)] * 8), 1), "triton": []}
+    for bm, bn, bk, stages, warps in ((128, 256, 64, 3, 8), (128, 256, 64, 4, 8), (128, 128, 64, 4, 8),
+                                      (128, 128, 64, 5, 4), (64, 256, 64, 4, 4), (256, 128, 64, 3, 8),
+                                      (128, 256, 128, 2, 8), (64, 128, 128, 4, 4)):
+        row = {"tiles": [bm, bn, bk, stages, warps]}
+        try:
+            out.zero_()
+            run(z, w1, b1, out, bm, bn, bk, stages, warps)
+            row["bit_equal"] = round((out == ref).float().mean().item(), 5)
+            row["rel_err"] = round(((out.float() - ref.float()).norm() / ref.float().norm()).item(), 6)
+            row["us"] = round(graph_us([lambda a=(bm, bn, bk, stages, warps): run(z, w1, b1, out, *a)] * 8), 1)
+        except Exception as e:  # noqa: BLE001 (out of resources, a compile error: record and go on)
+            row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        res["triton"].append(row)
+        print(row, flush=True)
+    print({k: v for k, v in res.items() if k != "triton"})
+    return res
+
+
+def tunable_section(dev) -> dict:
+    """Does torch's TunableOp find faster cuBLAS/cuBLASLt algorithms than the default heuristics for the prefill's
+    compute-bound GEMMs (the k/v GEMM over 640 rows, the W2 bmm over 32 layers) and lm_head? us per call, eager,
+    CUDA events (median of 50), before and after tuning, in one process."""
+    from torch.cuda import tunable
+
+    bf = {"device": dev, "dtype": torch.bfloat16}
+    h = 4096
+    kv_in, wkv = torch.randn(640, h, **bf), torch.randn(2 * h, h, **bf) * h**-0.5
+    g, w2 = torch.randn(32, 576, h, **bf), torch.randn(32, h, h, **bf) * h**-0.5
+    last, head = torch.randn(1, h, **bf), torch.randn(32000, h, **bf) * h**-0.5
+    ops = {"k/v GEMM 640x4096x8192": lambda: F.linear(kv_in, wkv),
+           "W2 bmm 32x576x4096x4096": lambda: torch.bmm(g, w2.transpose(1, 2)),
+           "lm_head 1x4096x32000": lambda: F.linear(last, head)}
+
+    def timed(fn):
+        return round(time_fn(lambda i: fn(), dev, warmup=5, repeats=50).median_ms * 1000, 1)
+
+    res = {name: {"default_us": timed(fn)} for name, fn in ops.items()}
+    tunable.enable(True)
+    tunable.tuning_enable(True)
+    tunable.set_filename("/tmp/tunableop_results.csv")
+    for fn in ops.values():
+        fn()
+    torch.cuda.synchronize()
+    tunable.tuning_enable(False)
+    for name, fn in ops.items():
+        res[name]["tuned_us"] = timed(fn)
+    res["results"] = [list(map(str, r)) for r in tunable.get_results()]
+    tunable.enable(False)
+    print(res)
+    return res
+
+
 def _rms_norm(x, w, eps=1e-5):
     x32 = x.float()
     return w * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
@@ -673,6 +1115,11 @@ def main() -> None:
         "prefetch": lambda: prefetch_section(args.layers, dev),
         "pdl": lambda: pdl_section(args.rows, args.layers, dev),
         "pdl-tiles": lambda: pdl_section(args.rows, args.layers, dev, tiles=True),
+        "partition": lambda: partition_section(args.rows, args.layers, dev),
+        "hold": lambda: hold_section(args.rows, args.layers, dev),
+        "tma": lambda: tma_section(args.rows, args.layers, dev),
+        "w1": lambda: w1_section(dev),
+        "tunable": lambda: tunable_section(dev),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     for name, run in runs.items():

@@ -178,6 +178,12 @@ def test_skinny_kernels_match_aten(rows, n, k):
         out = skinny.linear(x[None], wg, tiles)
         assert out.shape == (1, rows, n) and out.dtype == torch.bfloat16
         assert _rel(out[0], x.float() @ wg.float().T) < 1e-2
+    buffer = torch.full((rows + 3, n), 7.0, device="cuda", dtype=torch.bfloat16)  # out: the last rows of a buffer
+    got = skinny.linear(x, wg, skinny.DEFAULT, out=buffer[3:])
+    assert got.data_ptr() == buffer[3:].data_ptr() and _rel(buffer[3:], x.float() @ wg.float().T) < 1e-2
+    assert (buffer[:3] == 7.0).all(), "rows before out are left alone"
+    with pytest.raises(ValueError, match="out must be"):
+        skinny.linear(x, wg, skinny.DEFAULT, out=buffer[:, : n // 2])
     ref = torch.nn.functional.silu(x @ wg.T) * (x @ wu.T)
     out = torch.ops.saisa.gate_up(x, wg, wu)
     assert torch.isfinite(out).all() and _rel(out, ref) < 1e-2

@@ -253,20 +253,31 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, tiles: Tiles = DEFAULT, pdl: bool = False) -> torch.Tensor:
+def linear(x: torch.Tensor, w: torch.Tensor, tiles: Tiles = DEFAULT, pdl: bool = False,
+           out: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., K) @ w (N, K)^T -> (..., N), without bias (check `supported` first). pdl: launched as a programmatic
-    dependent of the kernel before (`_launch`; `pdl_supported`)."""
+    dependent of the kernel before (`_launch`; `pdl_supported`). out: an (M, N) tensor with contiguous rows (any
+    row stride, e.g. the last rows of a larger buffer) to write the result into; returned as (..., N) when it is
+    contiguous, else as given; not with split_k > 1."""
     triton, kernel = kernels().triton, kernels().linear
     x2 = _rows(x)
     m, k = x2.shape
     n = w.shape[0]
     block_m = max(16, triton.next_power_of_2(m))
     split = tiles.split_k
-    y = torch.zeros(m, n, dtype=torch.float32, device=x.device) if split > 1 else x.new_empty(m, n)
+    if out is not None:
+        if split > 1 or out.shape != (m, n) or out.stride(-1) != 1 or out.dtype != x.dtype:
+            raise ValueError(f"skinny.linear: out must be a ({m}, {n}) {x.dtype} tensor with contiguous rows and "
+                             f"split_k 1, got {out.dtype} {tuple(out.shape)} strides {out.stride()}, split_k {split}")
+        y = out
+    else:
+        y = torch.zeros(m, n, dtype=torch.float32, device=x.device) if split > 1 else x.new_empty(m, n)
     kernel[(n // tiles.block_n, split)](
         x2, w, y, m, k, x2.stride(0), w.stride(0), y.stride(0),
         BLOCK_M=block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, SPLIT_K=split, **_launch(tiles, x, pdl),
     )
+    if out is not None:
+        return out.view(*x.shape[:-1], n) if out.is_contiguous() else out
     return y.to(x.dtype).view(*x.shape[:-1], n) if split > 1 else y.view(*x.shape[:-1], n)
 
 
