@@ -14,6 +14,7 @@ host synchronisations inside it. Writes JSON; prints a summary per system.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import time
@@ -78,27 +79,27 @@ def run(arch: str, steps: int, device: torch.device) -> dict:
         rows.append({"ms": round(a.elapsed_time(b), 2), "host_ms": round(host_launch_ms, 2),
                      **{c: after.get(c, 0) - before.get(c, 0) for c in COUNTERS}})
     gaps = []  # per profiled step: GPU time with no kernel running, and the step's kernel span
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for i in range(8):
+    profiled = 8
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA], acc_events=True) as prof:
+        for i in range(profiled):
             torch.cuda.synchronize()
-            with torch.profiler.record_function(f"step{i}"):
-                step(100 + i)
-            torch.cuda.synchronize()
+            time.sleep(0.02)  # a clear gap between steps: they are split at the largest gaps below
+            step(100 + i)
+        torch.cuda.synchronize()
     kernels = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
-                     if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time > 0)
-    steps = sorted((e.time_range.start, e.time_range.end) for e in prof.events() if e.name.startswith("step"))
-    for j, (lo, _) in enumerate(steps):
-        upper = steps[j + 1][0] if j + 1 < len(steps) else float("inf")
-        inside = [k for k in kernels if lo <= k[0] < upper]
-        if not inside:
-            continue
-        busy, end = 0.0, inside[0][0]
-        for a, b in inside:
-            busy += max(0.0, b - max(a, end))
-            end = max(end, b)
-        span = end - inside[0][0]
-        gaps.append({"kernel_span_ms": round(span / 1e3, 2), "idle_ms": round((span - busy) / 1e3, 2),
-                     "kernels": len(inside)})
+                     if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.elapsed_us() > 0)
+    if kernels:
+        between = sorted(range(1, len(kernels)), key=lambda j: kernels[j][0] - kernels[j - 1][1])[-(profiled - 1):]
+        bounds = [0, *sorted(between), len(kernels)]
+        for lo, hi in itertools.pairwise(bounds):
+            inside = kernels[lo:hi]
+            busy, end = 0.0, inside[0][0]
+            for a, b in inside:
+                busy += max(0.0, b - max(a, end))
+                end = max(end, b)
+            span = end - inside[0][0]
+            gaps.append({"kernel_span_ms": round(span / 1e3, 2), "idle_ms": round((span - busy) / 1e3, 2),
+                         "kernels": len(inside)})
     ms = sorted(r["ms"] for r in rows)
     out = {"arch": arch, "median_ms": statistics.median(ms), "min_ms": ms[0], "max_ms": ms[-1],
            "p90_ms": ms[round(0.9 * (len(ms) - 1))], "syncs_in_one_step": len(syncs), "sync_sites": syncs[:20], "profiled_steps": gaps,
