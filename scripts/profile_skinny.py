@@ -322,27 +322,35 @@ def prefetch_section(layers: int, dev) -> dict:
     return {k: round(v, 2) if isinstance(v, float) else v for k, v in out.items()}
 
 
-def pdl_section(rows: int, layers: int, dev, sv: int = 576, rounds: int = 5, tiles: bool = False) -> dict:
-    """n text layers of fused.skinny_layer_step in one graph: kernels launched in turn, against programmatic
-    dependent launches (pdl) with 0 to 32 lines of each weight row prefetched to L2 before the wait (tiles: with 4
-    lines, other tilings of the GEMMs instead); checked against the serial chain's output, timed in interleaved
-    rounds (median of the rounds' medians, us per layer)."""
-    from saisa.model.fused import TextLayer, skinny_layer_step
+def text_layers(rows: int, layers: int, dev, sv: int = 576, h: int = 4096, f: int = 11008, hd: int = 128):
+    """Random Vicuna-7B-shaped skinny text layers and what fused.skinny_layer_step's first call needs: (layers'
+    TextLayers, each layer's (1, sv + rows, h) k/v input rows, RoPE cos and sin, the (1, 1, rows, sv + rows) causal
+    bias over [visual; text] keys, the first hidden rows, them times ln1, their sums of squares, zeroed sums)."""
+    from saisa.model.fused import TextLayer
 
-    h, f, hd, eps = 4096, 11008, 128, 1e-5
     s_all = sv + rows
     mk = lambda *shape: torch.randn(*shape, device=dev, dtype=torch.bfloat16) * shape[-1] ** -0.5
-    ws = [TextLayer(ln1=1 + 0.1 * torch.randn(h, device=dev, dtype=torch.bfloat16), wq=mk(h, h), bq=None,
-                    wkv=mk(2 * h, h), bkv=None, wo=mk(h, h), ln2=1 + 0.1 * torch.randn(h, device=dev,
-                    dtype=torch.bfloat16), wg=mk(f, h), wu=mk(f, h), wd=mk(h, f)) for _ in range(layers)]
+    ln = lambda: 1 + 0.1 * torch.randn(h, device=dev, dtype=torch.bfloat16)
+    ws = [TextLayer(ln1=ln(), wq=mk(h, h), bq=None, wkv=mk(2 * h, h), bkv=None, wo=mk(h, h), ln2=ln(),
+                    wg=mk(f, h), wu=mk(f, h), wd=mk(h, f)) for _ in range(layers)]
     inputs = [torch.randn(1, s_all, h, device=dev, dtype=torch.bfloat16) for _ in range(layers)]
     cos, sin = rope_tables(1, s_all, hd, dev)
     bias = torch.zeros(1, 1, rows, s_all, device=dev, dtype=torch.bfloat16)
     bias[..., sv:] = torch.triu(torch.full((rows, rows), float("-inf"), device=dev), 1).to(torch.bfloat16)
     hidden0 = torch.randn(1, rows, h, device=dev, dtype=torch.bfloat16)
-    x0 = hidden0 * ws[0].ln1
-    ss0 = hidden0.float().pow(2).sum(-1).flatten()
-    sums = torch.zeros(layers, 2, rows, device=dev)
+    return (ws, inputs, cos, sin, bias, hidden0, hidden0 * ws[0].ln1, hidden0.float().pow(2).sum(-1).flatten(),
+            torch.zeros(layers, 2, rows, device=dev))
+
+
+def pdl_section(rows: int, layers: int, dev, sv: int = 576, rounds: int = 5, tiles: bool = False) -> dict:
+    """n text layers of fused.skinny_layer_step in one graph: kernels launched in turn, against programmatic
+    dependent launches (pdl) with 0 to 32 lines of each weight row prefetched to L2 before the wait (tiles: with 4
+    lines, other tilings of the GEMMs instead); checked against the serial chain's output, timed in interleaved
+    rounds (median of the rounds' medians, us per layer)."""
+    from saisa.model.fused import skinny_layer_step
+
+    hd, eps = 128, 1e-5
+    ws, inputs, cos, sin, bias, hidden0, x0, ss0, sums = text_layers(rows, layers, dev, sv)
     result: list[torch.Tensor] = []
 
     def chain(pdl: bool, prefetch: int):
@@ -546,10 +554,10 @@ def overlap_section(rows: int, layers: int, dev, sv: int = 576, d: int = 1024) -
     out = {"copy_tb_per_s": round(copy_tbps(), 3)}
 
     def text_layer(w, tiles):
-        F.linear(kv_in, w["wkv"])
-        F.linear(x, w["wq"])
-        F.linear(x, w["wo"])
-        F.linear(skinny.gate_up(x, w["wg"], w["wu"], tiles), w["wd"])
+        F.linear(kv_in, w.wkv)
+        F.linear(x, w.wq)
+        F.linear(x, w.wo)
+        F.linear(skinny.gate_up(x, w.wg, w.wu, tiles), w.wd)
 
     def cublas_proj(w):
         torch.mm(F.gelu(F.linear(z, w[0])), w[1].t(), out=pout)
@@ -652,46 +660,35 @@ def partition_section(rows: int, layers: int, dev, sv: int = 576, d: int = 1024)
     (plain streams with priorities, or one side on a green context). us per layer of one CUDA graph."""
     from torch.cuda.green_contexts import GreenContext
 
-    h, f, hd, eps = 4096, 11008, 128, 1e-5
+    h, hd, eps = 4096, 128, 1e-5
     bf = {"device": dev, "dtype": torch.bfloat16}
-    mk = lambda *shape: torch.randn(*shape, **bf) * shape[-1] ** -0.5
-    ln = lambda: 1 + 0.1 * torch.randn(h, **bf)
-    text = [{"wq": mk(h, h), "wkv": mk(2 * h, h), "wo": mk(h, h), "ln1": ln(), "ln2": ln(), "wg": mk(f, h),
-             "wu": mk(f, h), "wd": mk(h, f)} for _ in range(layers)]
-    vis = [(mk(h, d), mk(h, h)) for _ in range(layers)]
+    text, _, cos, sin, bias, hidden0, x0, ss0, sums = text_layers(rows, layers, dev, sv)
+    vis = [(torch.randn(h, d, **bf) * d**-0.5, torch.randn(h, h, **bf) * h**-0.5) for _ in range(layers)]
     z = torch.randn(sv, d, **bf)
     xv = torch.empty(sv, h, **bf)
-    kvbuf = torch.randn(layers, 1, sv + rows, 2 * h, **bf)
-    s_all = sv + rows
-    cos, sin = rope_tables(1, s_all, hd, dev)
-    bias = torch.zeros(1, 1, rows, s_all, **bf)
-    bias[..., sv:] = torch.triu(torch.full((rows, rows), float("-inf"), device=dev), 1).to(torch.bfloat16)
-    hidden0 = torch.randn(1, rows, h, **bf)
-    x0 = hidden0 * text[0]["ln1"]
-    ss0 = hidden0.float().pow(2).sum(-1).flatten()
-    sums = torch.zeros(layers, 2, rows, device=dev)
+    kvbuf = torch.randn(layers, 1, sv + rows, 2 * h, **bf)  # each layer's k/v: visual rows, then text rows
     residual, gate_up_tiles = (t._replace(prefetch=skinny.PREFETCH) for t in (skinny.RESIDUAL, skinny.GATE_UP))
     events = [torch.cuda.Event() for _ in range(layers)]
 
     def visual_layer(i):
         torch.mm(F.gelu(F.linear(z, vis[i][0]), approximate="none"), vis[i][1].t(), out=xv)
-        torch.mm(xv, text[i]["wkv"].t(), out=kvbuf[i, 0, :sv])
+        torch.mm(xv, text[i].wkv.t(), out=kvbuf[i, 0, :sv])
 
     def text_chain(wait):
         sums.zero_()
         hidden, x_ln, ss = hidden0, x0, ss0
         for i, w in enumerate(text):
-            q = skinny.linear(x_ln, w["wq"], residual, pdl=True)
-            skinny.linear(hidden, w["wkv"], residual, pdl=True, out=kvbuf[i, 0, sv:])
+            q = skinny.linear(x_ln, w.wq, residual, pdl=True)
+            skinny.linear(hidden, w.wkv, residual, pdl=True, out=kvbuf[i, 0, sv:])
             if wait:
                 torch.cuda.current_stream().wait_event(events[i])
             attn = text_attention(q, kvbuf[i], cos, sin, bias, hd, half_table=True, row_sums=ss, row_dim=h, eps=eps,
                                   pdl=True)
-            hidden, x_ln, ss = skinny.linear_residual(attn, w["wo"], hidden, w["ln2"], sums=sums[i, 0], tiles=residual,
+            hidden, x_ln, ss = skinny.linear_residual(attn, w.wo, hidden, w.ln2, sums=sums[i, 0], tiles=residual,
                                                       pdl=True)
-            inner = skinny.gate_up(x_ln, w["wg"], w["wu"], gate_up_tiles, ss=ss, eps=eps, pdl=True)
-            nxt = text[i + 1]["ln1"] if i + 1 < layers else None
-            hidden, x_ln, ss = skinny.linear_residual(inner, w["wd"], hidden, nxt, sums=sums[i, 1], tiles=residual,
+            inner = skinny.gate_up(x_ln, w.wg, w.wu, gate_up_tiles, ss=ss, eps=eps, pdl=True)
+            nxt = text[i + 1].ln1 if i + 1 < layers else None
+            hidden, x_ln, ss = skinny.linear_residual(inner, w.wd, hidden, nxt, sums=sums[i, 1], tiles=residual,
                                                       pdl=True)
 
     def visual_chain(record):
@@ -798,23 +795,9 @@ def hold_section(rows: int, layers: int, dev, sv: int = 576, rounds: int = 5) ->
     evict_last policy (so the k/v GEMM's own traffic does not evict it), optionally followed by a kernel that sets
     those lines back to normal priority once the GEMM that reads them is done. us per layer, interleaved rounds;
     each variant checked against the first."""
-    from saisa.model.fused import TextLayer
-
     hold, release = l2_hold_kernels()
-    h, f, hd, eps = 4096, 11008, 128, 1e-5
-    s_all = sv + rows
-    mk = lambda *shape: torch.randn(*shape, device=dev, dtype=torch.bfloat16) * shape[-1] ** -0.5
-    ws = [TextLayer(ln1=1 + 0.1 * torch.randn(h, device=dev, dtype=torch.bfloat16), wq=mk(h, h), bq=None,
-                    wkv=mk(2 * h, h), bkv=None, wo=mk(h, h), ln2=1 + 0.1 * torch.randn(h, device=dev,
-                    dtype=torch.bfloat16), wg=mk(f, h), wu=mk(f, h), wd=mk(h, f)) for _ in range(layers)]
-    inputs = [torch.randn(1, s_all, h, device=dev, dtype=torch.bfloat16) for _ in range(layers)]
-    cos, sin = rope_tables(1, s_all, hd, dev)
-    bias = torch.zeros(1, 1, rows, s_all, device=dev, dtype=torch.bfloat16)
-    bias[..., sv:] = torch.triu(torch.full((rows, rows), float("-inf"), device=dev), 1).to(torch.bfloat16)
-    hidden0 = torch.randn(1, rows, h, device=dev, dtype=torch.bfloat16)
-    x0 = hidden0 * ws[0].ln1
-    ss0 = hidden0.float().pow(2).sum(-1).flatten()
-    sums = torch.zeros(layers, 2, rows, device=dev)
+    h, hd, eps = 4096, 128, 1e-5
+    ws, inputs, cos, sin, bias, hidden0, x0, ss0, sums = text_layers(rows, layers, dev, sv)
     residual, gate_up_tiles = (t._replace(prefetch=skinny.PREFETCH) for t in (skinny.RESIDUAL, skinny.GATE_UP))
     side = torch.cuda.Stream(dev)
     result: list[torch.Tensor] = []
