@@ -10,6 +10,7 @@ and the top kernels and CPU-side operators of one profiled step; writes JSON to 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from collections import defaultdict
@@ -19,6 +20,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from saisa.bench.setting import PRESETS
+from saisa.bench.suite import prepare_training, train_step
 from saisa.bench.systems import build_ours, make_inputs
 
 
@@ -38,17 +40,10 @@ def main() -> None:
 
 def profile_one(arch: str, setting, device: torch.device, top_n: int) -> dict:
     model = build_ours(setting, arch, device, text_config=setting.train_text_config, seed=2)
-    model.requires_grad_(True)
-    model.vision_tower.requires_grad_(False)
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
-    x = make_inputs(replace(setting, text_config=setting.train_text_config), setting.train_batch,
-                    setting.train_text_tokens, device, seed=2)[0]
-
-    def step():
-        model(input_ids=x.ids, pixel_values=x.pixels, labels=x.ids).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    opt = torch.optim.AdamW(prepare_training(model, 2), lr=1e-5, fused=True)
+    one = make_inputs(replace(setting, text_config=setting.train_text_config), setting.train_batch,
+                      setting.train_text_tokens, device, seed=2)[:1]
+    step = functools.partial(train_step(model, opt, one), 0)  # the same input set every step
 
     for _ in range(3):
         step()

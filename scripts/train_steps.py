@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import statistics
 import time
 import traceback
 import warnings
@@ -25,8 +24,9 @@ from dataclasses import replace
 import torch
 
 from saisa.bench.setting import PRESETS
+from saisa.bench.suite import prepare_training, train_step
 from saisa.bench.systems import build_ours, make_inputs
-from saisa.bench.timing import environment, free_memory
+from saisa.bench.timing import environment, free_memory, summarize
 
 COUNTERS = ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")
 
@@ -34,27 +34,17 @@ COUNTERS = ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_syn
 def run(arch: str, steps: int, device: torch.device) -> dict:
     s = PRESETS["paper"]
     model = build_ours(s, arch, device, text_config=s.train_text_config, seed=2)
-    model.requires_grad_(True)
-    model.vision_tower.requires_grad_(False)
-    model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=1e-5, fused=True)
-    sets = make_inputs(replace(s, text_config=s.train_text_config), s.train_batch, s.train_text_tokens, device,
-                       seed=2)
-
-    def step(i):
-        x = sets[i % len(sets)]
-        loss = model(input_ids=x.ids, pixel_values=x.pixels, labels=x.ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    opt = torch.optim.AdamW(prepare_training(model, 2), lr=1e-5, fused=True)
+    step = train_step(model, opt, make_inputs(replace(s, text_config=s.train_text_config), s.train_batch,
+                                              s.train_text_tokens, device, seed=2))
     for i in range(3):
         step(i)
     torch.cuda.synchronize()
     syncs: list[str] = []
 
     def where(message, *args, **kwargs):  # the innermost saisa/torch-python frames of each synchronising call
+        if "called a synchronizing" not in str(message):  # not the debug mode's own "prototype feature" warning
+            return
         frames = [f for f in traceback.extract_stack()[:-1] if "/saisa/" in f.filename or "/torch/" in f.filename]
         syncs.append(" <- ".join(f"{f.filename.split('/')[-1]}:{f.lineno} {f.name}" for f in frames[::-1][:3]))
 
@@ -100,11 +90,10 @@ def run(arch: str, steps: int, device: torch.device) -> dict:
             span = end - inside[0][0]
             gaps.append({"kernel_span_ms": round(span / 1e3, 2), "idle_ms": round((span - busy) / 1e3, 2),
                          "kernels": len(inside)})
-    ms = sorted(r["ms"] for r in rows)
-    out = {"arch": arch, "median_ms": statistics.median(ms), "min_ms": ms[0], "max_ms": ms[-1],
-           "p90_ms": ms[round(0.9 * (len(ms) - 1))], "syncs_in_one_step": len(syncs), "sync_sites": syncs[:20], "profiled_steps": gaps,
-           "steps": rows, "reserved_gib": round(torch.cuda.memory_reserved() / 2**30, 2)}
-    return out
+    timing = summarize([r["ms"] for r in rows], 4, "cuda_event")
+    return {"arch": arch, "median_ms": timing.median_ms, "min_ms": timing.min_ms, "p90_ms": timing.p90_ms,
+            "max_ms": max(r["ms"] for r in rows), "syncs_in_one_step": len(syncs), "sync_sites": syncs[:20],
+            "profiled_steps": gaps, "steps": rows, "reserved_gib": round(torch.cuda.memory_reserved() / 2**30, 2)}
 
 
 def main() -> None:

@@ -207,24 +207,14 @@ class Suite:
         state: dict[str, Any] = {"fused_visual_kv": getattr(model, "fused_visual_kv", True)}
 
         def body(entry):
-            model.requires_grad_(stage == 2)
-            model.multi_modal_projector.requires_grad_(True)
-            model.vision_tower.requires_grad_(False)
-            model.train()
+            trainable = prepare_training(model, stage)
             model.visual_recompute = recompute
             model.fused_visual_kv = s.train_fused_visual_kv
-            trainable = [p for p in model.parameters() if p.requires_grad]
             sets = make_inputs(replace(s, text_config=text_config), batch, t, self.device, seed=stage)
-
-            def step(i):
-                x = sets[i % len(sets)]
-                loss = model(input_ids=x.ids, pixel_values=x.pixels, labels=x.ids).loss
-                loss.backward()
-                state["opt"].step()
-                state["opt"].zero_grad(set_to_none=True)
 
             with PeakMemory(self.device) as mem:
                 state["opt"] = torch.optim.AdamW(trainable, lr=1e-5, fused=is_cuda(self.device))
+                step = train_step(model, state["opt"], sets)
                 timing = time_fn(step, self.device, warmup=self.reps.train_warmup, repeats=self.reps.train_repeats)
             f = FLOPS_FUNCTIONS[arch](spec, vspec, t)
             projector = f.projector // spec.num_layers if arch == "saisa" and stage == 1 else f.projector
@@ -250,6 +240,26 @@ class Suite:
             model.visual_recompute = False
 
         self.guarded(entry, body, cleanup)
+
+
+def prepare_training(model: nn.Module, stage: int) -> list[nn.Parameter]:
+    """Put `model` in the bench's training state for `stage` (1: the projector alone trained; 2: everything but the
+    vision tower) and return the trained parameters."""
+    model.requires_grad_(stage == 2)
+    model.multi_modal_projector.requires_grad_(True)
+    model.vision_tower.requires_grad_(False)
+    model.train()
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, sets: list) -> Callable[[int], None]:
+    """The bench's training step on input set i mod len(sets): the model's loss, backward, optimizer step."""
+    def step(i: int) -> None:
+        x = sets[i % len(sets)]
+        model(input_ids=x.ids, pixel_values=x.pixels, labels=x.ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
 
 
 def _projection(setting: Setting, entries: list[dict[str, Any]]) -> dict[str, Any]:
