@@ -160,6 +160,9 @@ def skinny_layer_step(
     rope_half: bool = False,
     pdl: bool = False,
     prefetch: int = skinny.PREFETCH,
+    o_to_l2: float = 0.0,
+    early: bool = False,
+    o_tiles: skinny.Tiles | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """`text_layer_step`'s function in six kernels, none of them a norm (check `skinny_supported`): the RMSNorms'
     division by each row's RMS is deferred to the kernels that read their output. A row's RMS is a scalar, so it
@@ -173,13 +176,17 @@ def skinny_layer_step(
     pdl: every kernel but the k/v GEMM (cuBLAS's) a programmatic dependent launch (skinny.pdl_supported), and
     q_proj a skinny.linear run before the k/v GEMM, so five launches in a row overlap: each kernel's programs take
     the SMs the one before leaves, send the first `prefetch` 128-byte lines of their weight rows to L2 (weights
-    do not depend on the kernel before) and wait for its writes."""
+    do not depend on the kernel before) and wait for its writes. o_to_l2: the fraction of W_o (its first rows)
+    that attention's span kernel sends to L2 while it runs (text_attention's l2_prefetch)."""
     residual, gate_up = skinny.RESIDUAL._replace(prefetch=prefetch), skinny.GATE_UP._replace(prefetch=prefetch)
     q = skinny.linear(x_ln, w.wq, residual, pdl=True) if pdl else F.linear(x_ln, w.wq)
     kv = F.linear(inputs, w.wkv)  # (B, Sv + T, 2k)
+    to_l2 = w.wo.view(-1)[:int(o_to_l2 * w.wo.numel()) // 8192 * 8192] if o_to_l2 > 0 else None
     attn = text_attention.text_attention(q, kv, cos, sin, attn_bias, head_dim, half_table=rope_half,
-                                         row_sums=row_sums, row_dim=hidden.shape[-1], eps=eps, pdl=pdl)
-    hidden, x_ln, row_sums = skinny.linear_residual(attn, w.wo, hidden, w.ln2, sums=sums[0], tiles=residual,
+                                         row_sums=row_sums, row_dim=hidden.shape[-1], eps=eps, pdl=pdl,
+                                         l2_prefetch=to_l2, early=early)
+    o_tiles = residual if o_tiles is None else o_tiles._replace(prefetch=prefetch)
+    hidden, x_ln, row_sums = skinny.linear_residual(attn, w.wo, hidden, w.ln2, sums=sums[0], tiles=o_tiles,
                                                     pdl=pdl)
     inner = skinny.gate_up(x_ln, w.wg, w.wu, gate_up, ss=row_sums, eps=eps, pdl=pdl)
     return skinny.linear_residual(inner, w.wd, hidden, next_ln1, rows_out=next_rows, sums=sums[1], tiles=residual,
