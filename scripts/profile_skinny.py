@@ -15,8 +15,7 @@ programmatic dependent launches that prefetch weight lines before waiting; "part
 and visual k/v GEMMs) beside a text chain with no compute-bound GEMM, on plain streams or CUDA green contexts;
 "hold", W_q or W_o bulk-prefetched to L2 (evict_last) on a side stream during the k/v GEMM; "tma", skinny's
 GEMMs with TMA descriptor loads; "w1", the projectors' first GEMM with its bias and exact GELU as one Triton GEMM;
-"tunable", torch's TunableOp on the compute-bound GEMMs; "pdl-o", the pdl layers with part or all of W_o sent to L2
-by attention's span kernel (HBM is idle while it runs). Prints tables; JSON to --out (rewritten after each part).
+"tunable", torch's TunableOp on the compute-bound GEMMs. Prints tables; JSON to --out (rewritten after each part).
 
     PYTHONPATH=src python3 scripts/profile_skinny.py --out $OUT/skinny.json --sections gemms --quick
     PYTHONPATH=src python3 scripts/profile_skinny.py --out $OUT/attention.json --sections attention
@@ -343,41 +342,18 @@ def text_layers(rows: int, layers: int, dev, sv: int = 576, h: int = 4096, f: in
             torch.zeros(layers, 2, rows, device=dev))
 
 
-def layer_kernels(graph, layer: int, per_layer: int = 7) -> list:
-    """One replay of `graph` under the profiler: [name, start, end] (us from the layer's first kernel) of the
-    kernels of layer `layer` (per_layer kernels each), to see where a layer's time goes when kernels overlap."""
-    from torch.profiler import ProfilerActivity, profile
-
-    graph.replay()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        graph.replay()
-        torch.cuda.synchronize()
-    kern = sorted((e.start_ns(), e.duration_ns(), e.name()) for e in prof.profiler.kineto_results.events()
-                  if e.device_type() == torch.autograd.DeviceType.CUDA and e.duration_ns() > 0)
-    rows = kern[layer * per_layer:(layer + 1) * per_layer + 1]
-    t0 = rows[0][0]
-    return [[n[:40], round((a - t0) / 1e3, 1), round((a + d - t0) / 1e3, 1)] for a, d, n in rows]
-
-
-def pdl_section(rows: int, layers: int, dev, sv: int = 576, rounds: int = 5, tiles: bool = False,
-                o_to_l2: bool = False) -> dict:
+def pdl_section(rows: int, layers: int, dev, sv: int = 576, rounds: int = 5, tiles: bool = False) -> dict:
     """n text layers of fused.skinny_layer_step in one graph: kernels launched in turn, against programmatic
     dependent launches (pdl) with 0 to 32 lines of each weight row prefetched to L2 before the wait (tiles: with 4
     lines, other tilings of the GEMMs instead); checked against the serial chain's output, timed in interleaved
-    rounds (median of the rounds' medians, us per layer). o_to_l2: with 4 lines, a fraction of W_o sent to L2 by
-    attention's span kernel instead (fused.skinny_layer_step's o_to_l2)."""
+    rounds (median of the rounds' medians, us per layer)."""
     from saisa.model.fused import skinny_layer_step
 
     hd, eps = 128, 1e-5
-    if o_to_l2:  # kernel timelines of the graphs below: CUPTI on before any capture
-        import torch.profiler._utils as prof_utils
-
-        prof_utils._init_for_cuda_graphs()
     ws, inputs, cos, sin, bias, hidden0, x0, ss0, sums = text_layers(rows, layers, dev, sv)
     result: list[torch.Tensor] = []
 
-    def chain(pdl: bool, prefetch: int, **step):
+    def chain(pdl: bool, prefetch: int):
         def run():
             sums.zero_()
             hidden, x_ln, ss = hidden0, x0, ss0
@@ -385,7 +361,7 @@ def pdl_section(rows: int, layers: int, dev, sv: int = 576, rounds: int = 5, til
                 last = i + 1 == layers
                 hidden, x_ln, ss = skinny_layer_step(
                     hidden, x_ln, ss, sums[i], inputs[i], None if last else inputs[i + 1][:, -rows:], bias, cos,
-                    sin, w, None if last else ws[i + 1].ln1, eps, hd, True, pdl=pdl, prefetch=prefetch, **step)
+                    sin, w, None if last else ws[i + 1].ln1, eps, hd, True, pdl=pdl, prefetch=prefetch)
             result[:] = [hidden]
         return run
 
@@ -400,23 +376,16 @@ def pdl_section(rows: int, layers: int, dev, sv: int = 576, rounds: int = 5, til
             name = f"pdl, prefetch 4, {'residual ' + str(tuple(res)[:4]) if res else ''}" \
                    f"{'gate_up ' + str(tuple(gu)[:4]) if gu else ''}"
             settings[name] = (True, 4, (res, gu))
-    if o_to_l2:
-        T = skinny.Tiles
-        settings = {"pdl, prefetch 4": (True, 4, None),
-                    "W_o 1.0 to L2": (True, 4, None, {"o_to_l2": 1.0}),
-                    "merge triggers early": (True, 4, None, {"early": True}),
-                    **{f"merge triggers early, o_proj {tuple(o)[:4]}": (True, 4, None, {"early": True, "o_tiles": o})
-                       for o in (T(32, 128, 4, 4), T(32, 128, 3, 4), T(16, 128, 4, 4))}}
     out: dict = {"checks": {}, "us_per_layer": {}}
     default_tiles = (skinny.RESIDUAL, skinny.GATE_UP)
     chain(False, 0)()
     ref = result[0].float().clone()
     graphs = {}
-    for name, (pdl, p, tried, *step) in settings.items():
+    for name, (pdl, p, tried) in settings.items():
         skinny.RESIDUAL = (tried or (None, None))[0] or default_tiles[0]  # read by skinny_layer_step at capture
         skinny.GATE_UP = (tried or (None, None))[1] or default_tiles[1]
         try:
-            run = chain(pdl, p, **(step[0] if step else {}))
+            run = chain(pdl, p)
             run()
             out["checks"][name] = round(((result[0].float() - ref).norm() / ref.norm()).item(), 6)
             torch.cuda.synchronize()
@@ -437,8 +406,6 @@ def pdl_section(rows: int, layers: int, dev, sv: int = 576, rounds: int = 5, til
             medians[name].append(time_fn(replay, dev, warmup=1, repeats=20).median_ms * 1000 / layers)
     out["us_per_layer"] = {name: round(statistics.median(m), 2) for name, m in medians.items()}
     out["round_us"] = {name: [round(x, 2) for x in m] for name, m in medians.items()}
-    if o_to_l2:
-        out["layer_kernels"] = {name: layer_kernels(g, layers // 2) for name, g in graphs.items()}
     print("pdl:", out["checks"], out["us_per_layer"])
     return out
 
@@ -1131,7 +1098,6 @@ def main() -> None:
         "prefetch": lambda: prefetch_section(args.layers, dev),
         "pdl": lambda: pdl_section(args.rows, args.layers, dev),
         "pdl-tiles": lambda: pdl_section(args.rows, args.layers, dev, tiles=True),
-        "pdl-o": lambda: pdl_section(args.rows, args.layers, dev, o_to_l2=True),
         "partition": lambda: partition_section(args.rows, args.layers, dev),
         "hold": lambda: hold_section(args.rows, args.layers, dev),
         "tma": lambda: tma_section(args.rows, args.layers, dev),

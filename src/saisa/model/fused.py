@@ -160,9 +160,6 @@ def skinny_layer_step(
     rope_half: bool = False,
     pdl: bool = False,
     prefetch: int = skinny.PREFETCH,
-    o_to_l2: float = 0.0,
-    early: bool = False,
-    o_tiles: skinny.Tiles | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """`text_layer_step`'s function in six kernels, none of them a norm (check `skinny_supported`): the RMSNorms'
     division by each row's RMS is deferred to the kernels that read their output. A row's RMS is a scalar, so it
@@ -176,21 +173,36 @@ def skinny_layer_step(
     pdl: every kernel but the k/v GEMM (cuBLAS's) a programmatic dependent launch (skinny.pdl_supported), and
     q_proj a skinny.linear run before the k/v GEMM, so five launches in a row overlap: each kernel's programs take
     the SMs the one before leaves, send the first `prefetch` 128-byte lines of their weight rows to L2 (weights
-    do not depend on the kernel before) and wait for its writes. o_to_l2: the fraction of W_o (its first rows)
-    that attention's span kernel sends to L2 while it runs (text_attention's l2_prefetch)."""
+    do not depend on the kernel before) and wait for its writes."""
     residual, gate_up = skinny.RESIDUAL._replace(prefetch=prefetch), skinny.GATE_UP._replace(prefetch=prefetch)
     q = skinny.linear(x_ln, w.wq, residual, pdl=True) if pdl else F.linear(x_ln, w.wq)
     kv = F.linear(inputs, w.wkv)  # (B, Sv + T, 2k)
-    to_l2 = w.wo.view(-1)[:int(o_to_l2 * w.wo.numel()) // 8192 * 8192] if o_to_l2 > 0 else None
     attn = text_attention.text_attention(q, kv, cos, sin, attn_bias, head_dim, half_table=rope_half,
-                                         row_sums=row_sums, row_dim=hidden.shape[-1], eps=eps, pdl=pdl,
-                                         l2_prefetch=to_l2, early=early)
-    o_tiles = residual if o_tiles is None else o_tiles._replace(prefetch=prefetch)
-    hidden, x_ln, row_sums = skinny.linear_residual(attn, w.wo, hidden, w.ln2, sums=sums[0], tiles=o_tiles,
+                                         row_sums=row_sums, row_dim=hidden.shape[-1], eps=eps, pdl=pdl)
+    hidden, x_ln, row_sums = skinny.linear_residual(attn, w.wo, hidden, w.ln2, sums=sums[0], tiles=residual,
                                                     pdl=pdl)
     inner = skinny.gate_up(x_ln, w.wg, w.wu, gate_up, ss=row_sums, eps=eps, pdl=pdl)
     return skinny.linear_residual(inner, w.wd, hidden, next_ln1, rows_out=next_rows, sums=sums[1], tiles=residual,
                                   pdl=pdl)
+
+
+def skinny_first_inputs(hidden: torch.Tensor, ln1: torch.Tensor, layers: int
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the first `skinny_layer_step` needs besides `hidden`: (hidden * ln1, the rows' fp32 sums of squares
+    (B*T,), zeros (layers, 2, B*T) for every layer's sums); two kernels under torch.compile instead of five."""
+    rows = hidden.numel() // hidden.shape[-1]
+    return (hidden * ln1, hidden.float().pow(2).sum(-1).flatten(),
+            hidden.new_zeros(layers, 2, rows, dtype=torch.float32))
+
+
+def placed_final_norm(hidden: torch.Tensor, index: torch.Tensor | None, length: int, keep: int,
+                      weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The last layer's text rows (B, T, h) back at their `index` (B, T, h) positions in a (B, length, h) sequence,
+    zeros at the rows between (index None: the rows are the sequence), then the last `keep` (0: all) through the
+    final RMSNorm (transformers' Llama form, `rms_norm`): three kernels under torch.compile instead of eleven."""
+    if index is not None:
+        hidden = hidden.new_zeros(hidden.shape[0], length, hidden.shape[2]).scatter(1, index, hidden)
+    return rms_norm(hidden[:, -keep:] if keep else hidden, weight, eps)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float, kind: str = "sdpa"

@@ -34,6 +34,8 @@ from .fused import (
     FFN,
     STEP,
     TextLayer,
+    placed_final_norm,
+    skinny_first_inputs,
     skinny_layer_step,
     skinny_supported,
     supports_fused,
@@ -71,6 +73,10 @@ def _columns(x: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     return x.gather(1, _column_index(cols, x))
 
 
+# Final norms whose function is fused.rms_norm (fp32 normalise, cast, times the weight): the compiled prefill's
+# `finish` applies it; any other keeps the model's own module.
+RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
+
 # A projector activation (config.projector_hidden_act) -> its form in the compiled visual step (fused.GELU); the
 # compiled path serves only these.
 PROJECTOR_GELU = {"gelu": "exact", "gelu_pytorch_tanh": "tanh", "gelu_new": "tanh"}
@@ -90,6 +96,9 @@ class FusedPath:
     chunks: Chunks = None  # layers per visual chunk (visual_kv.chunk_slices)
     tables: dict = field(default_factory=dict)  # layout -> _prefill_tables' tensors, for the last few layouts
     pdl: bool = False  # the skinny step's kernels as programmatic dependent launches (fused.skinny_layer_step)
+    first: Callable | None = None  # compiled fused.skinny_first_inputs
+    finish: Callable | None = None  # compiled fused.placed_final_norm; None: the model's own final norm
+    norm: tuple | None = None  # (weight, eps) of the final RMSNorm, for `finish`
 
 
 class SaisaPreTrainedModel(PreTrainedModel):
@@ -290,7 +299,12 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
                 step=step,
                 rope_half=self._rope_halves_equal(),
                 pdl=pdl,
+                first=torch.compile(skinny_first_inputs, **options),
             )
+            norm = self.language_model.model.norm
+            if type(norm).__name__ in RMS_NORMS:  # transformers' Llama-form RMSNorm: weight * normalised
+                self._fused.finish = torch.compile(placed_final_norm, **options)
+                self._fused.norm = (norm.weight, norm.variance_epsilon)
         self.set_prefill_schedule(chunk, overlap)
 
     def _rope_halves_equal(self) -> bool:
@@ -457,15 +471,18 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
             image_features = None
         if image_features is not None:
             image_features = image_features.to(text_h.dtype)
-        hidden = self._decode(text_h, image_features, layout, cache)  # (B, L, h)
+        if self._fused is not None and image_features is not None and cache is None and not self.training:
+            hidden = self._decode_fused(text_h, image_features, layout, keep)
+            if self._fused.finish is not None:  # already through the final norm
+                return hidden
+        else:
+            hidden = self._decode(text_h, image_features, layout, cache)  # (B, L, h)
         return lm.norm(hidden if not keep else hidden[:, -keep:])
 
     def _decode(
         self, text_h: torch.Tensor, features: torch.Tensor | None, layout: SequenceLayout, cache: SaisaCache | None
     ) -> torch.Tensor:
         arch = self.config.architecture
-        if self._fused is not None and features is not None and cache is None and not self.training:
-            return self._decode_fused(text_h, features, layout)
         v = None if features is None else features.shape[1]
         mask, cos, sin, vis_cos, vis_sin = self._mask_and_rope(text_h, layout, v, cache)
         n_vis = 0 if vis_cos is None else vis_cos.shape[1]
@@ -566,9 +583,12 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
             self._fused.tables[key] = (layout, tables)
         return tables
 
-    def _decode_fused(self, text_h: torch.Tensor, features: torch.Tensor, layout: SequenceLayout) -> torch.Tensor:
+    def _decode_fused(self, text_h: torch.Tensor, features: torch.Tensor, layout: SequenceLayout, keep: int = 0
+                      ) -> torch.Tensor:
         """saisa inference through the compiled functions: each layer's normalised visual inputs (chunks, optionally
-        on a side stream), then per layer ONE k/v GEMM over its visual and text rows, attention and FFN."""
+        on a side stream), then per layer ONE k/v GEMM over its visual and text rows, attention and FFN. Returns the
+        last `keep` (0: all) positions through the final norm where the compiled `finish` serves it, else all
+        positions before it."""
         fused, folded = self._fused, self._folded_kv
         eps, head_dim = folded.eps, folded.head_dim
         cols, key_cos, key_sin, attn_bias = self._prefill_tables(text_h, layout, features.shape[1])
@@ -585,9 +605,11 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
             hidden = self._skinny_layers(hidden, inputs, events, attn_bias, key_cos, key_sin, eps, head_dim)
         else:
             hidden = self._compiled_layers(hidden, inputs, events, attn_bias, key_cos, key_sin, eps, head_dim)
-        if cols is not None:  # placeholder rows come back as zeros (their logits carry no meaning)
-            hidden = text_h.new_zeros(text_h.shape).scatter(1, _column_index(cols, hidden), hidden)
-        return hidden
+        # Placeholder rows come back as zeros (their logits carry no meaning).
+        index = None if cols is None else _column_index(cols, hidden)
+        if fused.finish is not None:
+            return fused.finish(hidden, index, text_h.shape[1], keep, *fused.norm)
+        return hidden if index is None else text_h.new_zeros(text_h.shape).scatter(1, index, hidden)
 
     def _compiled_layers(self, hidden, inputs, events, attn_bias, cos, sin, eps, head_dim) -> torch.Tensor:
         """The text layers as the compiled fused.text_layer_step, each waiting for its visual chunk's event."""
@@ -614,9 +636,7 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         if events[0] is not None:
             torch.cuda.current_stream().wait_event(events[0])
         inputs[0][:, -t:] = hidden
-        x_ln = hidden * layers[0].ln1
-        row_sums = hidden.float().pow(2).sum(-1).flatten()  # (B*T,)
-        sums = row_sums.new_zeros(len(layers), 2, row_sums.shape[0])  # every layer's, zeroed in one kernel
+        x_ln, row_sums, sums = self._fused.first(hidden, layers[0].ln1, len(layers))
         for i, w in enumerate(layers):
             last = i + 1 == len(layers)
             if not last and events[i + 1] is not None:

@@ -95,17 +95,6 @@ def kernels():
                                   is_pure=False, pack=1)
 
     @triton.jit
-    def prefetch_share(ptr, chunks, pid, programs, BLOCK: tl.constexpr):
-        """Program `pid` of `programs` sends its share of `chunks` 16 KB chunks from `ptr` (a 2-byte dtype) to L2,
-        BLOCK chunks a step: Hopper's bulk prefetch (the copy engine fetches, nothing waits for them)."""
-        per = tl.cdiv(chunks, programs)
-        first = pid * per
-        for i in range(0, per, BLOCK):
-            chunk = tl.minimum(first + i + tl.arange(0, BLOCK), chunks - 1).to(tl.int64)
-            tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], 16384;\n\tmov.u32 $0, 0;", "=r,l",
-                                      [ptr + chunk * 8192], dtype=tl.int32, is_pure=False, pack=1)
-
-    @triton.jit
     def dependent_start():
         """Programmatic dependent launch: wait until the kernel before has finished and its writes are visible,
         then let the kernel after launch (its programs take SMs as ours leave them, and wait in turn)."""
@@ -194,8 +183,7 @@ def kernels():
             tl.store(xln_ptr + offs_m[:, None] * (tl.num_programs(0) * BLOCK_N) + offs_n[None, :],
                      (h32 * ln[None, :]).to(dtype), mask=rows)
 
-    return _Kernels(triton, linear_kernel, gate_up_kernel, linear_residual_kernel, _rstd, dependent_start,
-                    prefetch_share)
+    return _Kernels(triton, linear_kernel, gate_up_kernel, linear_residual_kernel, _rstd, dependent_start)
 
 
 class _Kernels(NamedTuple):
@@ -205,7 +193,6 @@ class _Kernels(NamedTuple):
     linear_residual: object
     rstd: object  # @triton.jit helpers other kernels call (text_attention's)
     dependent_start: object
-    prefetch_share: object
 
 
 def pdl_supported(device: torch.device) -> bool:

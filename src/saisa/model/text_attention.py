@@ -32,7 +32,6 @@ def _triton():
     triton, tl = triton_modules()
     _rstd = skinny.kernels().rstd
     dependent_start = skinny.kernels().dependent_start
-    prefetch_share = skinny.kernels().prefetch_share
 
     @triton.jit
     def _rotated(ptrs, cos_ptrs, sin_ptrs, half: tl.constexpr, mask, HALF_TABLE: tl.constexpr):
@@ -51,17 +50,13 @@ def _triton():
         return (lo32 * c_lo - hi32 * s_lo).to(lo.dtype), (hi32 * c_hi + lo32 * s_hi).to(lo.dtype)
 
     @triton.jit
-    def span_kernel(q_ptr, kv_ptr, cos_ptr, sin_ptr, bias_ptr, o_ptr, acc_ptr, ml_ptr, ss_ptr, pf_ptr, pf_lines,
-                    T, S, span, t_pad, qk_scale, log2e, inv_h, eps,
+    def span_kernel(q_ptr, kv_ptr, cos_ptr, sin_ptr, bias_ptr, o_ptr, acc_ptr, ml_ptr, ss_ptr, T, S, span, t_pad,
+                    qk_scale, log2e, inv_h, eps,
                     stride_qb, stride_qt, stride_kb, stride_ks, v_col, stride_cb, stride_cs,
                     stride_bb, stride_bt, stride_bs, stride_ob, stride_ot,
                     GROUP: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr, HALF_TABLE: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr, SCALE: tl.constexpr,
-                    PDL: tl.constexpr, PF_BLOCK: tl.constexpr):
-        if PF_BLOCK > 0:  # the next kernel's weights to L2 while HBM is idle (attention reads L2-resident K/V)
-            programs = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)
-            pid = tl.program_id(0) + tl.num_programs(0) * (tl.program_id(1) + tl.num_programs(1) * tl.program_id(2))
-            prefetch_share(pf_ptr, pf_lines, pid, programs, PF_BLOCK)
+                    PDL: tl.constexpr):
         if PDL:
             dependent_start()
         half: tl.constexpr = D // 2
@@ -124,15 +119,10 @@ def _triton():
 
     @triton.jit
     def merge_kernel(o_ptr, acc_ptr, ml_ptr, T, t_pad, stride_ob, stride_ot,
-                     D: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, PDL: tl.constexpr,
-                     EARLY: tl.constexpr):
+                     D: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, PDL: tl.constexpr):
         """The SPLIT spans of one (batch, head, block of query rows) merged by their log-sum-exp (log2 domain)."""
         if PDL:
-            if EARLY:  # the kernel after may launch now, while the spans run; it still waits for this one's end
-                tl.extra.cuda.gdc_launch_dependents()
-                tl.extra.cuda.gdc_wait()
-            else:
-                dependent_start()
+            dependent_start()
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         head = tl.program_id(1)
         b = tl.program_id(2)
@@ -189,8 +179,6 @@ def text_attention(
     row_dim: int = 0,
     eps: float = 0.0,
     pdl: bool = False,
-    l2_prefetch: torch.Tensor | None = None,
-    early: bool = False,
 ) -> torch.Tensor:
     """softmax(rope(q) rope(k)^T * scale + bias) v for every query head -> (B, T, Hq * D) (check `supported`
     first). half_table: cos/sin repeat their first half (transformers' RoPE), so only it is read. split: key
@@ -198,9 +186,7 @@ def text_attention(
     sums of squares (B*T,) of the text rows (row_dim wide), which q and the last T rows of kv were
     projected from without dividing by their RMS (eps: the norm's): each query and text key/value is divided here.
     pdl: both kernels launched as programmatic dependents of the kernel before (skinny.pdl_supported): each waits
-    for its writes before reading anything. l2_prefetch: a contiguous 2-byte tensor (the next kernel's weights,
-    W_o) that the span kernel's programs send to L2 as they start: attention reads K/V the k/v GEMM just wrote, so
-    HBM is otherwise idle while it runs."""
+    for its writes before reading anything."""
     b, t, qd = q.shape
     s = kv.shape[1]
     hkv = kv.shape[-1] // (2 * head_dim)
@@ -236,27 +222,19 @@ def text_attention(
         ml = torch.empty(b * hq * split * 2 * t_pad, dtype=torch.float32, device=q.device)
     else:
         acc = ml = out
-    pf_lines = 0
-    if l2_prefetch is not None:
-        if not l2_prefetch.is_contiguous() or l2_prefetch.element_size() != 2 or l2_prefetch.device != q.device:
-            raise ValueError(f"text_attention: l2_prefetch must be a contiguous 2-byte tensor on {q.device}, got "
-                             f"{l2_prefetch.dtype} {tuple(l2_prefetch.shape)} on {l2_prefetch.device}")
-        pf_lines = l2_prefetch.numel() // 8192  # 16 KB chunks
     span_kernel[(q_blocks * split, hq, b)](
-        q, kv, cos, sin, bias, out, acc, ml, out if row_sums is None else row_sums,
-        out if not pf_lines else l2_prefetch, pf_lines, t, s, span, t_pad,
+        q, kv, cos, sin, bias, out, acc, ml, out if row_sums is None else row_sums, t, s, span, t_pad,
         (head_dim**-0.5 if scale is None else scale) * LOG2E, LOG2E, 1.0 / max(row_dim, 1), eps,
         q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), hkv * head_dim, cos.stride(0), cos.stride(1),
         bias.stride(0), bias.stride(2), bias.stride(3), out.stride(0), out.stride(1),
         GROUP=hq // hkv, D=head_dim, SPLIT=split, HALF_TABLE=half_table, BLOCK_M=block_m, BLOCK_N=block_n,
-        STAGES=stages, SCALE=row_sums is not None, PDL=pdl, PF_BLOCK=16 if pf_lines else 0, num_warps=warps,
-        launch_pdl=pdl,
+        STAGES=stages, SCALE=row_sums is not None, PDL=pdl, num_warps=warps, launch_pdl=pdl,
     )
     if split > 1:
         merge_block = 16
         merge_kernel[(triton.cdiv(t, merge_block), hq, b)](
             out, acc, ml, t, t_pad, out.stride(0), out.stride(1), D=head_dim, SPLIT=split, BLOCK_M=merge_block,
-            PDL=pdl, EARLY=early, num_warps=4, launch_pdl=pdl,
+            PDL=pdl, num_warps=4, launch_pdl=pdl,
         )
     return out
 
