@@ -39,6 +39,13 @@ def _prompt(model, seed: int, batch: int = 1) -> tuple[torch.Tensor, torch.Tenso
     return ids.cuda(), torch.randn(batch, model.num_visual_tokens, 24, device="cuda", dtype=torch.bfloat16)
 
 
+def _rope(b: int, s: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """bf16 RoPE tables (b, s, d) of positions 0..s-1, halves repeated as transformers makes them."""
+    ang = torch.arange(s, device="cuda").float()[:, None] * 10000.0 ** (-torch.arange(0, d, 2, device="cuda") / d)
+    return tuple(f(torch.cat([ang, ang], -1)).expand(b, -1, -1).to(torch.bfloat16).contiguous()
+                 for f in (torch.cos, torch.sin))
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
@@ -290,9 +297,7 @@ def test_text_attention_divides_text_rows_by_their_rms(b, t, sv):
     sums = rows.pow(2).sum(-1).flatten()
     q = torch.randn(b, t, hq * d, device="cuda", dtype=torch.bfloat16)
     kv = torch.randn(b, sv + t, 2 * hq * d, device="cuda", dtype=torch.bfloat16)
-    ang = torch.arange(sv + t, device="cuda").float()[:, None] * 10000.0 ** (-torch.arange(0, d, 2, device="cuda") / d)
-    cos, sin = (f(torch.cat([ang, ang], -1)).expand(b, -1, -1).to(torch.bfloat16).contiguous()
-                for f in (torch.cos, torch.sin))
+    cos, sin = _rope(b, sv + t, d)
     allowed = torch.ones(b, 1, t, sv + t, dtype=torch.bool, device="cuda")
     allowed[..., sv:] = torch.tril(allowed[0, 0, :, sv:])
     bias = torch.zeros(allowed.shape, dtype=torch.bfloat16, device="cuda").masked_fill(~allowed, float("-inf"))
@@ -305,6 +310,36 @@ def test_text_attention_divides_text_rows_by_their_rms(b, t, sv):
     assert torch.isfinite(out).all() and _rel(out, ref) < 1e-2
     with pytest.raises(ValueError, match="row_dim"):
         text_attention.text_attention(q, kv, cos, sin, bias, d, row_sums=sums)
+
+
+@pytest.mark.parametrize("b,t,sv,row_sums", [(1, 64, 576, True), (2, 37, 100, False)])
+def test_text_attention_adds_bias_and_divides_visual_rows(b, t, sv, row_sums):
+    """text_attention(vis_rstd=..., kv_bias=...) on visual k/v rows projected before their bias and their norm's
+    division (fused.visual_rows_chunk) equals attention on the finished rows; with or without the text rows'
+    deferred division (row_sums) beside it."""
+    torch.manual_seed(sv)
+    hq, d, h, eps = 8, 64, 512, 1e-6
+    q = torch.randn(b, t, hq * d, device="cuda", dtype=torch.bfloat16)
+    kv = torch.randn(b, sv + t, 2 * hq * d, device="cuda", dtype=torch.bfloat16) * 4
+    kv_bias = torch.randn(2 * hq * d, device="cuda")
+    vis_rstd = torch.rand(b, sv, device="cuda") + 0.1
+    cos, sin = _rope(b, sv + t, d)
+    allowed = torch.ones(b, 1, t, sv + t, dtype=torch.bool, device="cuda")
+    allowed[..., sv:] = torch.tril(allowed[0, 0, :, sv:])
+    bias = torch.zeros(allowed.shape, dtype=torch.bfloat16, device="cuda").masked_fill(~allowed, float("-inf"))
+    rows = torch.randn(b, t, h, device="cuda") * 3
+    sums = rows.pow(2).sum(-1).flatten() if row_sums else None
+    finished = kv.clone()  # the text rows stay as they are: with row_sums both calls divide them
+    finished[:, :sv] = ((kv[:, :sv].float() + kv_bias) * vis_rstd[..., None]).to(kv.dtype)
+    ref = text_attention.text_attention(q, finished, cos, sin, bias, d, half_table=True, row_sums=sums, row_dim=h,
+                                        eps=eps)
+    out = text_attention.text_attention(q, kv, cos, sin, bias, d, half_table=True, row_sums=sums, row_dim=h, eps=eps,
+                                        vis_rstd=vis_rstd, kv_bias=kv_bias)
+    assert torch.isfinite(out).all() and _rel(out, ref) < 1e-2
+    with pytest.raises(ValueError, match="vis_rstd"):
+        text_attention.text_attention(q, kv, cos, sin, bias, d, vis_rstd=vis_rstd[:, 1:])
+    with pytest.raises(ValueError, match="kv_bias"):
+        text_attention.text_attention(q, kv, cos, sin, bias, d, kv_bias=kv_bias.half())
 
 
 @pytest.mark.parametrize("chunk,overlap", [(None, False), (1, True)])

@@ -418,6 +418,24 @@ def test_compiled_fused_path_computes_the_same_function(backbone, sharing, atten
     assert_close(both, ref_both, atol=1e-5, rtol=1e-5)
 
 
+def test_visual_rows_before_bias_and_norm_give_the_unit_rows():
+    """fused.visual_rows_chunk (the skinny step's visual rows: linear_2's output before its bias, and the rows'
+    1 / RMS with it) holds the same function as visual_inputs_chunk's unit-RMS rows: (rows + b2) * rstd equals
+    them, and so does what attention makes of their projection, (rows W^T + W b2) * rstd."""
+    from saisa.model.fused import visual_inputs_chunk, visual_rows_chunk
+
+    torch.manual_seed(0)
+    c, v, d, h, t, eps = 3, 5, 8, 16, 4, 1e-6
+    feats, w1, b1 = torch.randn(1, v, d), torch.randn(c, h, d), torch.randn(c, h)
+    w2, b2, wkv = torch.randn(c, h, h), torch.randn(c, h), torch.randn(c, 2 * h, h)
+    ref = visual_inputs_chunk(feats, torch.zeros(1, 1, dtype=torch.long), w1, b1, w2, b2, c, eps, text_len=t)
+    rows, rstd = visual_rows_chunk(feats, w1, b1, w2, b2, eps, t)
+    assert rows.shape == ref.shape == (c, 1, v + t, h) and rstd.shape == (c, 1, v) and rstd.dtype == torch.float32
+    assert_close((rows[:, :, :v] + b2[:, None, None]) * rstd[..., None], ref[:, :, :v], atol=1e-5, rtol=1e-5)
+    projected = (rows[:, 0, :v] @ wkv.transpose(1, 2) + (wkv @ b2[..., None]).transpose(1, 2)) * rstd[:, 0, :, None]
+    assert_close(projected, ref[:, 0, :v] @ wkv.transpose(1, 2), atol=1e-4, rtol=1e-4)
+
+
 def _left_padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     ids = torch.zeros(len(rows), max(len(r) for r in rows), dtype=torch.long)
     mask = torch.zeros_like(ids)

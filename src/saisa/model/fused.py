@@ -17,6 +17,7 @@ its kernels, all but the k/v GEMM, are programmatic dependent launches that over
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -160,6 +161,8 @@ def skinny_layer_step(
     rope_half: bool = False,
     pdl: bool = False,
     prefetch: int = skinny.PREFETCH,
+    vis_rstd: torch.Tensor | None = None,
+    kv_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """`text_layer_step`'s function in six kernels, none of them a norm (check `skinny_supported`): the RMSNorms'
     division by each row's RMS is deferred to the kernels that read their output. A row's RMS is a scalar, so it
@@ -173,12 +176,16 @@ def skinny_layer_step(
     pdl: every kernel but the k/v GEMM (cuBLAS's) a programmatic dependent launch (skinny.pdl_supported), and
     q_proj a skinny.linear run before the k/v GEMM, so five launches in a row overlap: each kernel's programs take
     the SMs the one before leaves, send the first `prefetch` 128-byte lines of their weight rows to L2 (weights
-    do not depend on the kernel before) and wait for its writes."""
+    do not depend on the kernel before) and wait for its writes.
+
+    vis_rstd, kv_bias: `inputs`' visual rows are `visual_rows_chunk`'s (before linear_2's bias and the norm's
+    division); attention adds their k/v bias and divides (text_attention's arguments of those names)."""
     residual, gate_up = skinny.RESIDUAL._replace(prefetch=prefetch), skinny.GATE_UP._replace(prefetch=prefetch)
     q = skinny.linear(x_ln, w.wq, residual, pdl=True) if pdl else F.linear(x_ln, w.wq)
     kv = F.linear(inputs, w.wkv)  # (B, Sv + T, 2k)
     attn = text_attention.text_attention(q, kv, cos, sin, attn_bias, head_dim, half_table=rope_half,
-                                         row_sums=row_sums, row_dim=hidden.shape[-1], eps=eps, pdl=pdl)
+                                         row_sums=row_sums, row_dim=hidden.shape[-1], eps=eps, pdl=pdl,
+                                         vis_rstd=vis_rstd, kv_bias=kv_bias)
     hidden, x_ln, row_sums = skinny.linear_residual(attn, w.wo, hidden, w.ln2, sums=sums[0], tiles=residual,
                                                     pdl=pdl)
     inner = skinny.gate_up(x_ln, w.wg, w.wu, gate_up, ss=row_sums, eps=eps, pdl=pdl)
@@ -293,6 +300,51 @@ def visual_inputs_chunk(
         if b2 is not None:
             x = x + b2.unsqueeze(1)
     return _placed_unit_rows(x, slots, n_img, v, layers, eps, text_len)
+
+
+def projector_hidden(features: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, gelu: str = "exact"
+                     ) -> torch.Tensor:
+    """GELU(Z W1_i^T + b1_i) for the c MLPs, (c, N*v, h) (a transposed view for the tanh form): the input of their
+    linear_2, as `visual_inputs_chunk` computes it (gelu: GELU's form, the tanh one needs b1)."""
+    n_img, v, d = features.shape
+    c, h = w1.shape[0], w1.shape[1]
+    if gelu == "tanh" and b1 is not None:
+        x = linear_gelu_tanh(features.reshape(n_img * v, d), w1.reshape(c * h, d), b1.reshape(c * h))
+        return x.view(n_img * v, c, h).transpose(0, 1)
+    x = torch.bmm(features.reshape(1, n_img * v, d).expand(c, -1, -1), w1.transpose(1, 2))
+    if b1 is not None:
+        x = x + b1.unsqueeze(1)
+    return F.gelu(x, approximate="none" if gelu == "exact" else "tanh")
+
+
+def rows_rstd(rows: torch.Tensor, b2: torch.Tensor, eps: float) -> torch.Tensor:
+    """1 / RMS of rows + b2 (c, R, h) + (c, h) -> (c, R) fp32, as `rms_norm` computes it."""
+    x = (rows + b2.unsqueeze(1)).float()
+    return torch.rsqrt(x.pow(2).mean(-1) + eps)
+
+
+def visual_rows_chunk(
+    features: torch.Tensor,  # (1, v, d): one image
+    w1: torch.Tensor,  # (c, h, d): c per-layer MLPs
+    b1: torch.Tensor | None,
+    w2: torch.Tensor,  # (c, h, h)
+    b2: torch.Tensor,  # (c, h)
+    eps: float,
+    text_len: int,
+    hidden: Callable = projector_hidden,
+    rstd: Callable = rows_rstd,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`visual_inputs_chunk` for one sample with one image, per-layer MLPs with a linear_2 bias, as
+    `skinny_layer_step` reads it: linear_2's GEMM writes its output, before the bias, straight into each layer's
+    k/v input rows (c, 1, v + text_len, h) (the last text_len rows left for the text), and only the rows' 1 / RMS
+    with the bias (c, 1, v) fp32 is computed from them. Attention adds W_kv b2 to those rows' keys and values and
+    divides by the RMS (text_attention's kv_bias, vis_rstd), so the normalised copy of the rows, a (c, v, h) pass
+    read and written, is never made. hidden, rstd: `projector_hidden` and `rows_rstd`, or their compiled forms."""
+    a = hidden(features, w1, b1)  # (c, v, h)
+    c, v, h = a.shape
+    rows = a.new_empty(c, 1, v + text_len, h)
+    torch.bmm(a, w2.transpose(1, 2), out=rows[:, 0, :v])  # cuBLAS writes the strided rows in place
+    return rows, rstd(rows[:, 0, :v], b2, eps).unsqueeze(1)
 
 
 def _placed_unit_rows(x: torch.Tensor, slots: torch.Tensor, n_img: int, v: int, layers: int, eps: float,

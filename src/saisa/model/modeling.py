@@ -35,6 +35,8 @@ from .fused import (
     STEP,
     TextLayer,
     placed_final_norm,
+    projector_hidden,
+    rows_rstd,
     skinny_first_inputs,
     skinny_layer_step,
     skinny_supported,
@@ -42,6 +44,7 @@ from .fused import (
     text_layer_step,
     text_layer_tensors,
     visual_inputs_chunk,
+    visual_rows_chunk,
 )
 from .loss import fusable, linear_cross_entropy, logits_cross_entropy, shifted_targets
 from .naavit import SequenceLayout, build_layout, naavit_mask
@@ -58,6 +61,7 @@ from .visual_kv import (
     _place,
     chunk_slices,
     fold_kv_weights,
+    projector_weights,
     saisa_visual_inputs,
     saisa_visual_kv,
 )
@@ -99,6 +103,8 @@ class FusedPath:
     first: Callable | None = None  # compiled fused.skinny_first_inputs
     finish: Callable | None = None  # compiled fused.placed_final_norm; None: the model's own final norm
     norm: tuple | None = None  # (weight, eps) of the final RMSNorm, for `finish`
+    rows: Callable | None = None  # fused.visual_rows_chunk with compiled parts (per-layer MLPs with a linear_2 bias)
+    kv_bias: torch.Tensor | None = None  # (n, 2k) fp32: each layer's folded W_kv times its MLP's linear_2 bias
 
 
 class SaisaPreTrainedModel(PreTrainedModel):
@@ -301,6 +307,14 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
                 pdl=pdl,
                 first=torch.compile(skinny_first_inputs, **options),
             )
+            proj = self.multi_modal_projector
+            w2, b2 = projector_weights(proj, slice(0, len(self.layers)))[2:]
+            if step == "skinny" and proj.num_mlps == len(self.layers) > 1 and w2 is not None and b2 is not None:
+                # The skinny step reads the visual rows before linear_2's bias and the norm (fused.visual_rows_chunk).
+                self._fused.rows = functools.partial(
+                    visual_rows_chunk, hidden=torch.compile(functools.partial(projector_hidden, gelu=gelu), **options),
+                    rstd=torch.compile(rows_rstd, **options))
+                self._fused.kv_bias = torch.stack([wkv.float() @ b.float() for wkv, b in zip(folded.weight, b2)])
             norm = self.language_model.model.norm
             if type(norm).__name__ in RMS_NORMS:  # transformers' Llama-form RMSNorm: weight * normalised
                 self._fused.finish = torch.compile(placed_final_norm, **options)
@@ -596,12 +610,17 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         if cols is not None:
             hidden = _columns(text_h, cols)
         stream = self._visual_stream if text_h.is_cuda else None
+        skinny_step = fused.step == "skinny" and skinny_supported(hidden, fused.layers[0], head_dim)
+        # One sample with one image: the skinny step reads the visual rows before linear_2's bias and the norm.
+        rows = skinny_step and fused.rows is not None and features.shape[0] == 1 == hidden.shape[0] == \
+            layout.image_slots.shape[1]
         inputs, events = saisa_visual_inputs(
             len(self.layers), self.multi_modal_projector, features, layout, eps, hidden.shape[1],
-            chunk=fused.chunks, stream=stream, fn=fused.visual,
-        )  # each (B, Sv + T, h)
-        w0 = fused.layers[0]
-        if fused.step == "skinny" and skinny_supported(hidden, w0, head_dim):
+            chunk=fused.chunks, stream=stream,
+            fn=(lambda f, slots, w1, b1, w2, b2, n, eps, t: fused.rows(f, w1, b1, w2, b2, eps, t)) if rows
+            else fused.visual,
+        )  # each (B, Sv + T, h), or with `rows` a tuple (that, its visual rows' 1 / RMS (B, Sv))
+        if skinny_step:
             hidden = self._skinny_layers(hidden, inputs, events, attn_bias, key_cos, key_sin, eps, head_dim)
         else:
             hidden = self._compiled_layers(hidden, inputs, events, attn_bias, key_cos, key_sin, eps, head_dim)
@@ -633,6 +652,10 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         the previous layer's last kernel, which also writes the next layer's k/v input rows (so it waits for that
         layer's visual chunk when it runs on a side stream)."""
         layers, t = self._fused.layers, hidden.shape[1]
+        rstd: list = [None] * len(layers)
+        if isinstance(inputs[0], tuple):  # fused.visual_rows_chunk's rows, with their 1 / RMS
+            inputs, rstd = (list(x) for x in zip(*inputs, strict=True))
+        kv_bias = self._fused.kv_bias if rstd[0] is not None else None
         if events[0] is not None:
             torch.cuda.current_stream().wait_event(events[0])
         inputs[0][:, -t:] = hidden
@@ -645,6 +668,7 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
                 hidden, x_ln, row_sums, sums[i], inputs[i], None if last else inputs[i + 1][:, -t:], attn_bias, cos,
                 sin, w,
                 None if last else layers[i + 1].ln1, eps, head_dim, self._fused.rope_half, self._fused.pdl,
+                vis_rstd=rstd[i], kv_bias=None if kv_bias is None else kv_bias[i],
             )
         return hidden
 

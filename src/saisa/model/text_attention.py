@@ -34,9 +34,11 @@ def _triton():
     dependent_start = skinny.kernels().dependent_start
 
     @triton.jit
-    def _rotated(ptrs, cos_ptrs, sin_ptrs, half: tl.constexpr, mask, HALF_TABLE: tl.constexpr):
+    def _rotated(ptrs, cos_ptrs, sin_ptrs, half: tl.constexpr, mask, HALF_TABLE: tl.constexpr, lo_add=None,
+                 hi_add=None, ADD: tl.constexpr = False):
         """RoPE (rotate-half) of one (rows, D) block loaded as its two halves; fp32 math, rounded to the input dtype
-        as the reference's rotated tensor is. HALF_TABLE: the tables' two halves are equal, read the first only."""
+        as the reference's rotated tensor is. HALF_TABLE: the tables' two halves are equal, read the first only.
+        ADD: lo_add/hi_add (fp32) added to the halves before the rotation (the visual rows' k bias)."""
         lo = tl.load(ptrs, mask=mask, other=0.0)
         hi = tl.load(ptrs + half, mask=mask, other=0.0)
         c_lo = tl.load(cos_ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -47,16 +49,18 @@ def _triton():
             c_hi = tl.load(cos_ptrs + half, mask=mask, other=0.0).to(tl.float32)
             s_hi = tl.load(sin_ptrs + half, mask=mask, other=0.0).to(tl.float32)
         lo32, hi32 = lo.to(tl.float32), hi.to(tl.float32)
+        if ADD:
+            lo32, hi32 = lo32 + lo_add, hi32 + hi_add
         return (lo32 * c_lo - hi32 * s_lo).to(lo.dtype), (hi32 * c_hi + lo32 * s_hi).to(lo.dtype)
 
     @triton.jit
-    def span_kernel(q_ptr, kv_ptr, cos_ptr, sin_ptr, bias_ptr, o_ptr, acc_ptr, ml_ptr, ss_ptr, T, S, span, t_pad,
-                    qk_scale, log2e, inv_h, eps,
+    def span_kernel(q_ptr, kv_ptr, cos_ptr, sin_ptr, bias_ptr, o_ptr, acc_ptr, ml_ptr, ss_ptr, vs_ptr, kvb_ptr,
+                    T, S, span, t_pad, qk_scale, log2e, inv_h, eps, stride_vb,
                     stride_qb, stride_qt, stride_kb, stride_ks, v_col, stride_cb, stride_cs,
                     stride_bb, stride_bt, stride_bs, stride_ob, stride_ot,
                     GROUP: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr, HALF_TABLE: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr, SCALE: tl.constexpr,
-                    PDL: tl.constexpr):
+                    VIS_SCALE: tl.constexpr, VIS_BIAS: tl.constexpr, PDL: tl.constexpr):
         if PDL:
             dependent_start()
         half: tl.constexpr = D // 2
@@ -72,6 +76,10 @@ def _triton():
         if SCALE:  # the text rows' RMS division, deferred from their norm (row_sums): queries' into the scale
             q_scale = _rstd(ss_ptr, b * T + offs_m, rows, inv_h, eps) * qk_scale
         kv_base = kv_ptr + b * stride_kb + (head // GROUP) * D
+        if VIS_BIAS:  # the visual rows' k/v bias (W_kv b_2): keys' halves and the values' row, fp32
+            kb_lo = tl.load(kvb_ptr + (head // GROUP) * D + dh)
+            kb_hi = tl.load(kvb_ptr + (head // GROUP) * D + half + dh)
+            vb = tl.load(kvb_ptr + v_col + (head // GROUP) * D + tl.arange(0, D)[None, :])
         m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         l_i = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, D), tl.float32)
@@ -81,17 +89,28 @@ def _triton():
             offs_n = n0 + tl.arange(0, BLOCK_N)
             keys = offs_n < end
             k_pos = b * stride_cb + offs_n[:, None] * stride_cs + dh
-            k_lo, k_hi = _rotated(kv_base + offs_n[:, None] * stride_ks + dh, cos_ptr + k_pos, sin_ptr + k_pos, half,
-                                  keys[:, None], HALF_TABLE)
+            visual = offs_n < S - T
+            if VIS_BIAS:
+                k_lo, k_hi = _rotated(kv_base + offs_n[:, None] * stride_ks + dh, cos_ptr + k_pos, sin_ptr + k_pos,
+                                      half, keys[:, None], HALF_TABLE, tl.where(visual[:, None], kb_lo, 0.0),
+                                      tl.where(visual[:, None], kb_hi, 0.0), True)
+            else:
+                k_lo, k_hi = _rotated(kv_base + offs_n[:, None] * stride_ks + dh, cos_ptr + k_pos, sin_ptr + k_pos,
+                                      half, keys[:, None], HALF_TABLE)
             scores = tl.dot(q_hi, tl.trans(k_hi), tl.dot(q_lo, tl.trans(k_lo)))  # (BLOCK_M, BLOCK_N) fp32
             bias = tl.load(bias_ptr + b * stride_bb + offs_m[:, None] * stride_bt + offs_n[None, :] * stride_bs,
                            mask=rows[:, None] & keys[None, :], other=float("-inf")).to(tl.float32)
-            if SCALE:  # text keys (the last T rows) are divided by their RMS too; visual keys by 1
+            if SCALE or VIS_SCALE:  # keys divided by their rows' RMS: text rows' (SCALE), visual rows' (VIS_SCALE)
                 k_scale = tl.full((BLOCK_N,), 1.0, tl.float32)
-                if n0 + BLOCK_N > S - T:
-                    text = offs_n - (S - T)
-                    k_scale = _rstd(ss_ptr, b * T + text, (text >= 0) & keys, inv_h, eps)
-                    scores = scores * k_scale[None, :]
+                if VIS_SCALE:  # noqa: SIM102 (a constexpr, then a runtime condition: Triton keeps them apart)
+                    if n0 < S - T:
+                        k_scale = tl.load(vs_ptr + b * stride_vb + offs_n, mask=keys & visual, other=1.0)
+                if SCALE:  # noqa: SIM102
+                    if n0 + BLOCK_N > S - T:
+                        text = offs_n - (S - T)
+                        k_scale = k_scale * _rstd(ss_ptr, b * T + text, (text >= 0) & keys, inv_h, eps)
+                scores = scores * k_scale[None, :]
+            if SCALE:
                 scores = scores * q_scale[:, None] + bias * log2e
             else:
                 scores = scores * qk_scale + bias * log2e  # log2 domain: exp2 below
@@ -102,7 +121,9 @@ def _triton():
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(kv_base + v_col + offs_n[:, None] * stride_ks + tl.arange(0, D)[None, :], mask=keys[:, None],
                         other=0.0)
-            if SCALE:  # values of text rows divided by their RMS: their weights here, not the sum l_i
+            if VIS_BIAS:
+                v = (v.to(tl.float32) + tl.where(visual[:, None], vb, 0.0)).to(v.dtype)
+            if SCALE or VIS_SCALE:  # values divided by their rows' RMS: their weights here, not the sum l_i
                 acc = tl.dot((p * k_scale[None, :]).to(v.dtype), v, acc * alpha[:, None])
             else:
                 acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
@@ -179,6 +200,8 @@ def text_attention(
     row_dim: int = 0,
     eps: float = 0.0,
     pdl: bool = False,
+    vis_rstd: torch.Tensor | None = None,
+    kv_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """softmax(rope(q) rope(k)^T * scale + bias) v for every query head -> (B, T, Hq * D) (check `supported`
     first). half_table: cos/sin repeat their first half (transformers' RoPE), so only it is read. split: key
@@ -186,7 +209,10 @@ def text_attention(
     sums of squares (B*T,) of the text rows (row_dim wide), which q and the last T rows of kv were
     projected from without dividing by their RMS (eps: the norm's): each query and text key/value is divided here.
     pdl: both kernels launched as programmatic dependents of the kernel before (skinny.pdl_supported): each waits
-    for its writes before reading anything."""
+    for its writes before reading anything. vis_rstd (B, S - T) fp32, kv_bias (2 * Hkv * D,) fp32: the first S - T
+    (visual) rows of kv were projected from rows before their bias b and their norm's division
+    (fused.visual_rows_chunk): kv_bias (= W_kv b) is added to those rows and each is multiplied by its vis_rstd here,
+    so no normalised copy of the visual rows is written."""
     b, t, qd = q.shape
     s = kv.shape[1]
     hkv = kv.shape[-1] // (2 * head_dim)
@@ -208,6 +234,15 @@ def text_attention(
         skinny.check_sums(row_sums, b * t)
         if row_dim < 1:
             raise ValueError("text_attention: row_sums needs row_dim, the width of the rows they were summed over")
+    sv = s - t
+    if vis_rstd is not None and (vis_rstd.shape != (b, sv) or vis_rstd.dtype != torch.float32
+                                 or not vis_rstd.is_contiguous()):
+        raise ValueError(f"text_attention: vis_rstd must be a contiguous fp32 (B, S - T) = ({b}, {sv}) tensor, got "
+                         f"{vis_rstd.dtype} {tuple(vis_rstd.shape)}")
+    if kv_bias is not None and (kv_bias.shape != (kv.shape[-1],) or kv_bias.dtype != torch.float32
+                                or not kv_bias.is_contiguous()):
+        raise ValueError(f"text_attention: kv_bias must be a contiguous fp32 ({kv.shape[-1]},) tensor (keys' bias, "
+                         f"then values'), got {kv_bias.dtype} {tuple(kv_bias.shape)}")
     block_m = min(64, max(16, triton.next_power_of_2(t)))
     q_blocks = triton.cdiv(t, block_m)
     key_blocks = triton.cdiv(s, block_n)
@@ -223,12 +258,14 @@ def text_attention(
     else:
         acc = ml = out
     span_kernel[(q_blocks * split, hq, b)](
-        q, kv, cos, sin, bias, out, acc, ml, out if row_sums is None else row_sums, t, s, span, t_pad,
-        (head_dim**-0.5 if scale is None else scale) * LOG2E, LOG2E, 1.0 / max(row_dim, 1), eps,
+        q, kv, cos, sin, bias, out, acc, ml, out if row_sums is None else row_sums,
+        out if vis_rstd is None else vis_rstd, out if kv_bias is None else kv_bias, t, s, span, t_pad,
+        (head_dim**-0.5 if scale is None else scale) * LOG2E, LOG2E, 1.0 / max(row_dim, 1), eps, max(sv, 1),
         q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), hkv * head_dim, cos.stride(0), cos.stride(1),
         bias.stride(0), bias.stride(2), bias.stride(3), out.stride(0), out.stride(1),
         GROUP=hq // hkv, D=head_dim, SPLIT=split, HALF_TABLE=half_table, BLOCK_M=block_m, BLOCK_N=block_n,
-        STAGES=stages, SCALE=row_sums is not None, PDL=pdl, num_warps=warps, launch_pdl=pdl,
+        STAGES=stages, SCALE=row_sums is not None, VIS_SCALE=vis_rstd is not None, VIS_BIAS=kv_bias is not None,
+        PDL=pdl, num_warps=warps, launch_pdl=pdl,
     )
     if split > 1:
         merge_block = 16

@@ -175,11 +175,15 @@ def saisa_visual_inputs(
 ) -> tuple[list[torch.Tensor], list[torch.cuda.Event | None]]:
     """Per-layer unit-RMS visual inputs of the k/v projections, (B, I*v + text_len, h) with `text_len` rows of room
     for fused.text_layer_step, and per-layer events (see `_by_chunks`); each chunk is `fn`
-    (fused.visual_inputs_chunk, or its compiled version)."""
+    (fused.visual_inputs_chunk, or its compiled version). An `fn` returning a tuple of (c, ...) tensors (the
+    skinny step's rows and their 1 / RMS, modeling's use of fused.visual_rows_chunk) gives a tuple per layer."""
 
-    def compute(sl: slice, slots: torch.Tensor) -> list[torch.Tensor]:
+    def compute(sl: slice, slots: torch.Tensor) -> list:
         n = sl.stop - sl.start
-        return list(fn(features, slots, *projector_weights(projector, sl), n, eps, text_len).unbind(0))
+        out = fn(features, slots, *projector_weights(projector, sl), n, eps, text_len)
+        if isinstance(out, tuple):  # per-layer tensors of each: a tuple per layer
+            return list(zip(*(o.unbind(0) for o in out), strict=True))
+        return list(out.unbind(0))
 
     return _by_chunks(num_layers, chunk, layout, stream, compute)
 
