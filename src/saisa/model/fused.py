@@ -13,6 +13,8 @@ text_attention's Triton kernels do RoPE, attention and the merge of key spans in
 `skinny_layer_step` is the same layer with no norm kernel (STEP "skinny"): each RMSNorm's division by the row's RMS
 is deferred into the kernels that read its output, and the sums of squares come from the GEMM before it; on Hopper
 its kernels, all but the k/v GEMM, are programmatic dependent launches that overlap the end of the one before.
+For one sample with one image it reads `visual_rows_chunk`'s rows: the projector's last GEMM writes them in place,
+before its bias and the norm, and attention adds the bias's k/v and divides (no normalised copy is written).
 """
 
 from __future__ import annotations
@@ -283,29 +285,20 @@ def visual_inputs_chunk(
     biases: one pass over the (c, N*v, h) activations fewer."""
     if gelu not in GELU:
         raise ValueError(f"unknown gelu {gelu!r}; choose from {GELU}")
-    n_img, v, d = features.shape
-    c, h = w1.shape[0], w1.shape[1]
-    if gelu == "tanh" and w2 is not None and b1 is not None:
-        x = linear_gelu_tanh(features.reshape(n_img * v, d), w1.reshape(c * h, d), b1.reshape(c * h))
-        x = torch.bmm(x.view(n_img * v, c, h).transpose(0, 1), w2.transpose(1, 2))  # (c, N*v, h)
+    if w2 is None:  # a linear projector: no activation
+        x = projector_hidden(features, w1, b1, gelu=None)
+    else:
+        x = torch.bmm(projector_hidden(features, w1, b1, gelu), w2.transpose(1, 2))  # (c, N*v, h)
         if b2 is not None:
             x = x + b2.unsqueeze(1)
-        return _placed_unit_rows(x, slots, n_img, v, layers, eps, text_len)
-    z = features.reshape(1, n_img * v, d)
-    x = torch.bmm(z.expand(c, -1, -1), w1.transpose(1, 2))
-    if b1 is not None:
-        x = x + b1.unsqueeze(1)
-    if w2 is not None:
-        x = torch.bmm(F.gelu(x, approximate="none" if gelu == "exact" else "tanh"), w2.transpose(1, 2))
-        if b2 is not None:
-            x = x + b2.unsqueeze(1)
-    return _placed_unit_rows(x, slots, n_img, v, layers, eps, text_len)
+    return _placed_unit_rows(x, slots, features.shape[0], features.shape[1], layers, eps, text_len)
 
 
-def projector_hidden(features: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, gelu: str = "exact"
+def projector_hidden(features: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, gelu: str | None = "exact"
                      ) -> torch.Tensor:
-    """GELU(Z W1_i^T + b1_i) for the c MLPs, (c, N*v, h) (a transposed view for the tanh form): the input of their
-    linear_2, as `visual_inputs_chunk` computes it (gelu: GELU's form, the tanh one needs b1)."""
+    """GELU(Z W1_i^T + b1_i) for the c MLPs, (c, N*v, h) (a transposed view for the tanh form with b1, whose
+    activation is the first GEMM's epilogue): the input of their linear_2. gelu: GELU's form (fused.GELU); None:
+    no activation (a linear projector's output)."""
     n_img, v, d = features.shape
     c, h = w1.shape[0], w1.shape[1]
     if gelu == "tanh" and b1 is not None:
@@ -314,7 +307,7 @@ def projector_hidden(features: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor 
     x = torch.bmm(features.reshape(1, n_img * v, d).expand(c, -1, -1), w1.transpose(1, 2))
     if b1 is not None:
         x = x + b1.unsqueeze(1)
-    return F.gelu(x, approximate="none" if gelu == "exact" else "tanh")
+    return x if gelu is None else F.gelu(x, approximate="none" if gelu == "exact" else "tanh")
 
 
 def rows_rstd(rows: torch.Tensor, b2: torch.Tensor, eps: float) -> torch.Tensor:

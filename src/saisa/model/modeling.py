@@ -225,7 +225,10 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         "auto": "triton" for a model on CUDA where Triton is installed.
         step: the form of a text layer (fused.STEP): "compiled", text_layer_step under torch.compile; "skinny",
         fused.skinny_layer_step, 7 kernels a layer instead of 10 and none of them a norm, where its kernels serve
-        the rows (at most skinny.MAX_ROWS text rows, no q/k/v bias; needs attention and ffn "triton"). "auto":
+        the rows (at most skinny.MAX_ROWS text rows, no q/k/v bias; needs attention and ffn "triton"); for one
+        sample with one image and per-layer MLPs with a linear_2 bias it also reads the visual rows before that bias
+        and the norm (fused.visual_rows_chunk: 8.223 against 8.253 ms at t=64 on an H100,
+        benchmarks/results/prefill-ab-h100/). "auto":
         "skinny" where its kernels can be launched as programmatic dependents (pdl), else "compiled". Launched in
         turn the two measured the same (skinny 8.531, compiled 8.526 ms at t=64 on an H100 in interleaved rounds,
         profile-prefill-h100-t64-skinny.json: the norms' kernels saved are spent again by the Triton GEMMs); with
