@@ -312,17 +312,18 @@ def test_text_attention_divides_text_rows_by_their_rms(b, t, sv):
         text_attention.text_attention(q, kv, cos, sin, bias, d, row_sums=sums)
 
 
-@pytest.mark.parametrize("b,t,sv,row_sums", [(1, 64, 576, True), (2, 37, 100, False)])
-def test_text_attention_adds_bias_and_divides_visual_rows(b, t, sv, row_sums):
+@pytest.mark.parametrize("b,t,sv,row_sums,scaled", [(1, 64, 576, True, True), (2, 37, 100, False, True),
+                                                    (2, 37, 100, False, False)])
+def test_text_attention_adds_bias_and_divides_visual_rows(b, t, sv, row_sums, scaled):
     """text_attention(vis_rstd=..., kv_bias=...) on visual k/v rows projected before their bias and their norm's
     division (fused.visual_rows_chunk) equals attention on the finished rows; with or without the text rows'
-    deferred division (row_sums) beside it."""
+    deferred division (row_sums) beside it, and the bias alone (not scaled)."""
     torch.manual_seed(sv)
     hq, d, h, eps = 8, 64, 512, 1e-6
     q = torch.randn(b, t, hq * d, device="cuda", dtype=torch.bfloat16)
     kv = torch.randn(b, sv + t, 2 * hq * d, device="cuda", dtype=torch.bfloat16) * 4
     kv_bias = torch.randn(2 * hq * d, device="cuda")
-    vis_rstd = torch.rand(b, sv, device="cuda") + 0.1
+    vis_rstd = torch.rand(b, sv, device="cuda") + 0.1 if scaled else None
     cos, sin = _rope(b, sv + t, d)
     allowed = torch.ones(b, 1, t, sv + t, dtype=torch.bool, device="cuda")
     allowed[..., sv:] = torch.tril(allowed[0, 0, :, sv:])
@@ -330,14 +331,14 @@ def test_text_attention_adds_bias_and_divides_visual_rows(b, t, sv, row_sums):
     rows = torch.randn(b, t, h, device="cuda") * 3
     sums = rows.pow(2).sum(-1).flatten() if row_sums else None
     finished = kv.clone()  # the text rows stay as they are: with row_sums both calls divide them
-    finished[:, :sv] = ((kv[:, :sv].float() + kv_bias) * vis_rstd[..., None]).to(kv.dtype)
+    finished[:, :sv] = ((kv[:, :sv].float() + kv_bias) * (vis_rstd[..., None] if scaled else 1)).to(kv.dtype)
     ref = text_attention.text_attention(q, finished, cos, sin, bias, d, half_table=True, row_sums=sums, row_dim=h,
                                         eps=eps)
     out = text_attention.text_attention(q, kv, cos, sin, bias, d, half_table=True, row_sums=sums, row_dim=h, eps=eps,
                                         vis_rstd=vis_rstd, kv_bias=kv_bias)
     assert torch.isfinite(out).all() and _rel(out, ref) < 1e-2
     with pytest.raises(ValueError, match="vis_rstd"):
-        text_attention.text_attention(q, kv, cos, sin, bias, d, vis_rstd=vis_rstd[:, 1:])
+        text_attention.text_attention(q, kv, cos, sin, bias, d, vis_rstd=torch.ones(b, sv - 1, device="cuda"))
     with pytest.raises(ValueError, match="kv_bias"):
         text_attention.text_attention(q, kv, cos, sin, bias, d, kv_bias=kv_bias.half())
 
