@@ -83,7 +83,6 @@ def _triton():
         m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         l_i = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, D), tl.float32)
-        w_vis = tl.zeros((BLOCK_M,), tl.float32)  # VIS_BIAS: the weights on visual values, for their bias at the end
         start = part * span
         end = tl.minimum(S, start + span)
         for n0 in tl.range(start, end, BLOCK_N, num_stages=STAGES):
@@ -122,16 +121,13 @@ def _triton():
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(kv_base + v_col + offs_n[:, None] * stride_ks + tl.arange(0, D)[None, :], mask=keys[:, None],
                         other=0.0)
+            if VIS_BIAS:
+                v = (v.to(tl.float32) + tl.where(visual[:, None], vb, 0.0)).to(v.dtype)
             if SCALE or VIS_SCALE:  # values divided by their rows' RMS: their weights here, not the sum l_i
-                pw = p * k_scale[None, :]
+                acc = tl.dot((p * k_scale[None, :]).to(v.dtype), v, acc * alpha[:, None])
             else:
-                pw = p
-            acc = tl.dot(pw.to(v.dtype), v, acc * alpha[:, None])
-            if VIS_BIAS:  # sum_n w_n (v_n + b) = sum_n w_n v_n + (sum of the visual w_n) b: b added once, below
-                w_vis = w_vis * alpha + tl.sum(tl.where(visual[None, :], pw, 0.0), 1)
+                acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
             m_i = m_new
-        if VIS_BIAS:
-            acc += w_vis[:, None] * vb
         if SPLIT == 1:
             out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
             o = o_ptr + b * stride_ob + offs_m[:, None] * stride_ot + head * D + tl.arange(0, D)[None, :]
