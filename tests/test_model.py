@@ -428,12 +428,15 @@ def test_visual_rows_before_bias_and_norm_give_the_unit_rows():
     c, v, d, h, t, eps = 3, 5, 8, 16, 4, 1e-6
     feats, w1, b1 = torch.randn(1, v, d), torch.randn(c, h, d), torch.randn(c, h)
     w2, b2, wkv = torch.randn(c, h, h), torch.randn(c, h), torch.randn(c, 2 * h, h)
-    ref = visual_inputs_chunk(feats, torch.zeros(1, 1, dtype=torch.long), w1, b1, w2, b2, c, eps, text_len=t)
-    rows, rstd = visual_rows_chunk(feats, w1, b1, w2, b2, eps, t)
+    slots = torch.zeros(1, 1, dtype=torch.long)
+    ref = visual_inputs_chunk(feats, slots, w1, b1, w2, b2, c, eps, text_len=t)
+    rows, rstd = visual_rows_chunk(feats, slots, w1, b1, w2, b2, c, eps, text_len=t)
     assert rows.shape == ref.shape == (c, 1, v + t, h) and rstd.shape == (c, 1, v) and rstd.dtype == torch.float32
     assert_close((rows[:, :, :v] + b2[:, None, None]) * rstd[..., None], ref[:, :, :v], atol=1e-5, rtol=1e-5)
     projected = (rows[:, 0, :v] @ wkv.transpose(1, 2) + (wkv @ b2[..., None]).transpose(1, 2)) * rstd[:, 0, :, None]
     assert_close(projected, ref[:, 0, :v] @ wkv.transpose(1, 2), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="one image in one sample"):
+        visual_rows_chunk(feats.expand(2, -1, -1), torch.zeros(1, 2, dtype=torch.long), w1, b1, w2, b2, c, eps)
 
 
 def _left_padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

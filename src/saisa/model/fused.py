@@ -70,10 +70,15 @@ def text_layer_tensors(layer: nn.Module, wkv: torch.Tensor, bkv: torch.Tensor | 
     )
 
 
+def rstd(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """1 / RMS of x's rows in fp32 (..., h) -> (...), as transformers' LlamaRMSNorm computes it."""
+    return torch.rsqrt(x.float().pow(2).mean(-1) + eps)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """transformers' LlamaRMSNorm as a function: normalise in fp32, cast back, then scale (weight None: no scale)."""
     x32 = x.float()
-    normed = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    normed = (x32 * rstd(x32, eps).unsqueeze(-1)).to(x.dtype)
     return normed if weight is None else weight * normed
 
 
@@ -311,33 +316,39 @@ def projector_hidden(features: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor 
 
 
 def rows_rstd(rows: torch.Tensor, b2: torch.Tensor, eps: float) -> torch.Tensor:
-    """1 / RMS of rows + b2 (c, R, h) + (c, h) -> (c, R) fp32, as `rms_norm` computes it."""
-    x = (rows + b2.unsqueeze(1)).float()
-    return torch.rsqrt(x.pow(2).mean(-1) + eps)
+    """1 / RMS of rows + b2 (c, R, h) + (c, h) -> (c, R) fp32 (`rstd`)."""
+    return rstd(rows + b2.unsqueeze(1), eps)
 
 
 def visual_rows_chunk(
     features: torch.Tensor,  # (1, v, d): one image
-    w1: torch.Tensor,  # (c, h, d): c per-layer MLPs
+    slots: torch.Tensor,  # (1, 1): that image in the one sample's one slot
+    w1: torch.Tensor,  # (c, h, d): c = layers per-layer MLPs
     b1: torch.Tensor | None,
     w2: torch.Tensor,  # (c, h, h)
     b2: torch.Tensor,  # (c, h)
+    layers: int,
     eps: float,
-    text_len: int,
+    text_len: int = 0,
     hidden: Callable = projector_hidden,
-    rstd: Callable = rows_rstd,
+    row_rstd: Callable = rows_rstd,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`visual_inputs_chunk` for one sample with one image, per-layer MLPs with a linear_2 bias, as
     `skinny_layer_step` reads it: linear_2's GEMM writes its output, before the bias, straight into each layer's
     k/v input rows (c, 1, v + text_len, h) (the last text_len rows left for the text), and only the rows' 1 / RMS
     with the bias (c, 1, v) fp32 is computed from them. Attention adds W_kv b2 to those rows' keys and values and
     divides by the RMS (text_attention's kv_bias, vis_rstd), so the normalised copy of the rows, a (c, v, h) pass
-    read and written, is never made. hidden, rstd: `projector_hidden` and `rows_rstd`, or their compiled forms."""
+    read and written, is never made. Takes `visual_inputs_chunk`'s arguments. hidden, row_rstd: `projector_hidden`
+    and `rows_rstd`, or their compiled forms."""
+    if features.shape[0] != 1 or slots.shape != (1, 1) or w1.shape[0] != layers:
+        raise ValueError(f"visual_rows_chunk serves one image in one sample's one slot with one MLP per layer; got "
+                         f"{features.shape[0]} images, slots {tuple(slots.shape)}, {w1.shape[0]} MLPs for {layers} "
+                         "layers (use visual_inputs_chunk)")
     a = hidden(features, w1, b1)  # (c, v, h)
     c, v, h = a.shape
     rows = a.new_empty(c, 1, v + text_len, h)
     torch.bmm(a, w2.transpose(1, 2), out=rows[:, 0, :v])  # cuBLAS writes the strided rows in place
-    return rows, rstd(rows[:, 0, :v], b2, eps).unsqueeze(1)
+    return rows, row_rstd(rows[:, 0, :v], b2, eps).unsqueeze(1)
 
 
 def _placed_unit_rows(x: torch.Tensor, slots: torch.Tensor, n_img: int, v: int, layers: int, eps: float,

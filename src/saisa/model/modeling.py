@@ -316,7 +316,7 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
                 # The skinny step reads the visual rows before linear_2's bias and the norm (fused.visual_rows_chunk).
                 self._fused.rows = functools.partial(
                     visual_rows_chunk, hidden=torch.compile(functools.partial(projector_hidden, gelu=gelu), **options),
-                    rstd=torch.compile(rows_rstd, **options))
+                    row_rstd=torch.compile(rows_rstd, **options))
                 self._fused.kv_bias = torch.stack([wkv.float() @ b.float() for wkv, b in zip(folded.weight, b2)])
             norm = self.language_model.model.norm
             if type(norm).__name__ in RMS_NORMS:  # transformers' Llama-form RMSNorm: weight * normalised
@@ -620,8 +620,7 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         inputs, events = saisa_visual_inputs(
             len(self.layers), self.multi_modal_projector, features, layout, eps, hidden.shape[1],
             chunk=fused.chunks, stream=stream,
-            fn=(lambda f, slots, w1, b1, w2, b2, n, eps, t: fused.rows(f, w1, b1, w2, b2, eps, t)) if rows
-            else fused.visual,
+            fn=fused.rows if rows else fused.visual,
         )  # each (B, Sv + T, h), or with `rows` a tuple (that, its visual rows' 1 / RMS (B, Sv))
         if skinny_step:
             hidden = self._skinny_layers(hidden, inputs, events, attn_bias, key_cos, key_sin, eps, head_dim)
