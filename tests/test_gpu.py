@@ -430,3 +430,45 @@ def test_linear_gelu_tanh_epilogue():
     out32 = linear_gelu_tanh(x32, eye, torch.zeros(128, device="cuda"))
     assert (out32 - F.gelu(x32, approximate="tanh")).abs().max() < 2e-5
     assert (out32 - F.gelu(x32)).abs().max() > 1e-4
+
+
+def _trainable_copy(seed: int) -> SaisaForConditionalGeneration:
+    """A tiny fp32 saisa model on CUDA in the bench's stage-2 state (everything but the vision tower trained)."""
+    torch.manual_seed(seed)
+    model = SaisaForConditionalGeneration(tiny_config("saisa")).to("cuda").train()
+    model.vision_tower.requires_grad_(False)
+    return model
+
+
+def test_graphed_train_step_matches_eager_steps():
+    """Each call is one real step on its own batch: the image moves and padding changes between batches (new layout
+    values, same shapes), and the replayed graph follows, loss by loss and weight by weight."""
+    from saisa.train.graphed import GraphedTrainStep
+
+    eager, graphed = _trainable_copy(0), _trainable_copy(0)
+    params = [[p for p in m.parameters() if p.requires_grad] for m in (eager, graphed)]
+    opts = [torch.optim.AdamW(ps, lr=1e-3, fused=True, capturable=True) for ps in params]
+    step = GraphedTrainStep(graphed, opts[1], warmup=1, max_grad_norm=1.0)
+    for i, (at, pad) in enumerate(((2, 0), (6, 3), (9, 0), (4, 1))):
+        ids = torch.stack([random_ids(16, seed=10 * i + b) for b in range(2)])
+        ids[:, at] = IMAGE_TOKEN_ID
+        mask = torch.ones_like(ids)
+        mask[1, :pad] = 0
+        labels = ids.masked_fill(mask == 0, -100)
+        pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(i))
+        batch = {"input_ids": ids.cuda(), "attention_mask": mask.cuda(), "labels": labels.cuda(),
+                 "pixel_values": pixels.cuda()}
+        opts[0].zero_grad(set_to_none=True)
+        loss = eager(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params[0], 1.0, foreach=True)
+        opts[0].step()
+        assert_close(step(**batch), loss.detach(), rtol=1e-4, atol=1e-5)
+    assert step.graph is not None, "the last steps were to be replayed from the graph"
+    for a, b in zip(*params):
+        assert_close(b, a, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="one shape"):
+        step(input_ids=batch["input_ids"][:, :-1], labels=batch["labels"][:, :-1],
+             attention_mask=batch["attention_mask"][:, :-1], pixel_values=batch["pixel_values"])
+    with pytest.raises(ValueError, match="capturable=True"):
+        GraphedTrainStep(eager, torch.optim.AdamW(params[0], fused=True))

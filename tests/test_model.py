@@ -223,6 +223,23 @@ def test_loss_is_shifted_cross_entropy_over_text():
     assert_close(out.loss, expected)
 
 
+def test_forward_takes_a_prebuilt_layout():
+    """A layout built beforehand (as the graphed training step builds it, from host ids) gives the same loss; one
+    built for other ids is refused."""
+    model = tiny_model("saisa").train()
+    ids = torch.stack([with_images(seed=s, length=10, image_at=[a]) for s, a in ((13, 2), (14, 6))])
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    pixels = random_pixels(2)
+    layout = model.layout(ids, mask, 2)
+    expected = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=ids).loss
+    given = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=ids, layout=layout).loss
+    assert_close(given, expected)
+    other = model.layout(ids[:, :-1], mask[:, :-1], 2)
+    with pytest.raises(ValueError, match="layout given is for input_ids of shape"):
+        model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=ids, layout=other)
+
+
 def test_gradients_reach_exactly_the_trainable_parameters(arch):
     model = tiny_model(arch).train()
     model.language_model.requires_grad_(False)

@@ -55,6 +55,8 @@ class Setting:
     # Stage 2, saisa: all layers' visual K/V in one autograd Function (model.fused_visual_kv, visual_grad.py), which
     # keeps Z instead of the visual activations; off: autograd keeps them (the default before it).
     train_fused_visual_kv: bool = True
+    # How the training step runs: eagerly, and replayed as one CUDA graph (saisa.train.graphed; CUDA only).
+    train_methods: tuple[str, ...] = ("eager", "cuda_graph")
     stage1_samples: int = 558_000  # LLaVA-1.5 recipe: LCS-558K pretraining
     stage2_samples: int = 665_000  # LLaVA-1.5 recipe: llava_v1_5_mix665k instruction tuning
     image_at: int = 35  # text tokens before the image (LLaVA-1.5's system prompt is about that long)

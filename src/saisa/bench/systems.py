@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from saisa.model.graphs import capture_graph
+
 from .setting import Setting, vision_spec
 from .timing import MIB, free_memory, is_cuda, tensor_bytes, time_fn
 
@@ -424,20 +426,6 @@ class HFEager(System):
     def release(self):
         super().release()
         self.cache = None
-
-
-def capture_graph(fn: Callable[[], Any], warmup: int = 3) -> tuple[torch.cuda.CUDAGraph, Any]:
-    """Capture `fn` (static inputs) into a CUDA graph after warm-up on a side stream; returns (graph, its output)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return graph, out
 
 
 # transformers' masking_utils skips the causal mask (SDPA is_causal=True) only when not tracing, and counts a

@@ -4,12 +4,15 @@ Unusual here: the layout (positions, image slots, mask inputs) is built once on 
 captured region has no host synchronisation; inputs are copied into static buffers before each replay. At batch 1
 the eager prefill is launch-bound (hundreds of small kernels per forward), and this is what removes that overhead.
 The GEMMs are captured through cuBLASLt by default (torch's preferred BLAS library, set while capturing and put
-back after): at t=64 its kernels for the text GEMMs were faster than cuBLAS's (see BLAS).
+back after): at t=64 its kernels for the text GEMMs were faster than cuBLAS's (see BLAS). `capture_graph` is
+the plain warm-up-then-capture that the bench's HF graphs and the graphed training step (saisa.train.graphed) use.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 
@@ -88,3 +91,19 @@ class GraphedForward:
             self.input_ids.copy_(input_ids, non_blocking=True)
         self.graph.replay()
         return self.logits
+
+
+def capture_graph(fn: Callable[[], Any], warmup: int = 3) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """Capture `fn` (static inputs) into a CUDA graph after `warmup` calls on a side stream; (graph, its output).
+
+    The capture only records: `fn`'s work runs at the first `graph.replay()`."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out

@@ -403,6 +403,7 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         use_cache: bool = False,
         logits_to_keep: int = 0,
         skip_logits: bool | None = None,
+        layout: SequenceLayout | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """input_ids (B, L) with one image_token_id per image; pixel_values (N, C, H, W) or precomputed
@@ -411,6 +412,8 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         skip_logits: return no logits (None) and compute the loss chunk by chunk through the lm_head
         (loss.linear_cross_entropy) without the (B, L, vocab) logits; needs labels. Default: in training with labels.
         An lm_head the chunked loss cannot read (an adapter, ZeRO-3 partitioned) takes the logits path.
+        layout: the batch's positions, built beforehand by `self.layout` (e.g. from host copies of input_ids and
+        attention_mask, so that a CUDA graph captures no host synchronisation); default: built here.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
@@ -428,7 +431,11 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         if use_cache and past_key_values is None:
             past_key_values = SaisaCache(len(self.layers))
         v = self.num_visual_tokens if image_features is None else image_features.shape[1]
-        layout = self.layout(input_ids, attention_mask, num_images, v, past_key_values)
+        if layout is None:
+            layout = self.layout(input_ids, attention_mask, num_images, v, past_key_values)
+        elif layout.text_pos.shape != input_ids.shape:
+            raise ValueError(f"the layout given is for input_ids of shape {tuple(layout.text_pos.shape)}, these are "
+                             f"{tuple(input_ids.shape)}; build it with model.layout(input_ids, attention_mask, ...)")
         lm_head = self.language_model.lm_head
         if skip_logits and not logits_to_keep and fusable(lm_head):
             hidden = self.hidden_states_with_layout(input_ids, layout, image_features, past_key_values)
