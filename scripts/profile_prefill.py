@@ -54,6 +54,7 @@ VARIANTS = {
     # text_attention's kernels (RoPE, scores, softmax and values over key spans, a merge) for the eager form's.
     "serial-triton-attn": {**SAISA_SCHEDULES["serial"], "attention": "triton", "step": "compiled"},
     "serial-auto": {**SAISA_SCHEDULES["serial"]},  # optimize_for_inference's defaults (the bench's engine)
+    "serial-auto-cublas": {**SAISA_SCHEDULES["serial"], "blas": "cublas"},  # its GEMMs captured through cuBLAS
     # The visual inputs in chunks of 2, 4, 8 layers on the main stream: each chunk's GELU and norm passes read what
     # its GEMM has just written, some of it still in L2.
     **{f"chunk{c}-auto": {"chunk": c, "overlap": False} for c in (2, 4, 8)},
