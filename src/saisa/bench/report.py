@@ -313,6 +313,9 @@ def _train_notes(entries: list[dict[str, Any]]) -> str:
     if any(e.get("fused_visual_kv") for e in entries):
         notes += (" saisa stage 2 computes its visual K/V in one autograd Function that recomputes the projector MLPs"
                   " in backward (model.fused_visual_kv).")
+    if any(e.get("method") == "cuda_graph" for e in entries):
+        notes += (" (cuda_graph): the whole step, AdamW with capturable=True, captured once and replayed as one CUDA graph"
+                  " (saisa.train.graphed.GraphedTrainStep); the targets take each system's faster method.")
     return notes
 
 
