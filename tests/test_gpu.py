@@ -442,13 +442,16 @@ def _trainable_copy(seed: int) -> SaisaForConditionalGeneration:
 
 def test_graphed_train_step_matches_eager_steps():
     """Each call is one real step on its own batch: the image moves and padding changes between batches (new layout
-    values, same shapes), and the replayed graph follows, loss by loss and weight by weight."""
+    values, same shapes), the learning rate changes, and the replayed graph follows, loss by loss and weight by
+    weight."""
     from saisa.train.graphed import GraphedTrainStep
 
     eager, graphed = _trainable_copy(0), _trainable_copy(0)
     params = [[p for p in m.parameters() if p.requires_grad] for m in (eager, graphed)]
     opts = [torch.optim.AdamW(ps, lr=1e-3, fused=True, capturable=True) for ps in params]
     step = GraphedTrainStep(graphed, opts[1], warmup=1, max_grad_norm=1.0)
+    # A schedule that changes the rate every step: the replays must read the new rate, not the captured one.
+    schedules = [torch.optim.lr_scheduler.LambdaLR(o, lambda i: 1.0 / (1 + 3 * i)) for o in opts]
     for i, (at, pad) in enumerate(((2, 0), (6, 3), (9, 0), (4, 1))):
         ids = torch.stack([random_ids(16, seed=10 * i + b) for b in range(2)])
         ids[:, at] = IMAGE_TOKEN_ID
@@ -464,6 +467,8 @@ def test_graphed_train_step_matches_eager_steps():
         torch.nn.utils.clip_grad_norm_(params[0], 1.0, foreach=True)
         opts[0].step()
         assert_close(step(**batch), loss.detach(), rtol=1e-4, atol=1e-5)
+        for schedule in schedules:
+            schedule.step()
     assert step.graph is not None, "the last steps were to be replayed from the graph"
     for a, b in zip(*params):
         assert_close(b, a, rtol=1e-4, atol=1e-5)

@@ -7,7 +7,9 @@ host one launch. What that asks of the step:
 - fixed shapes: every micro-batch has the first one's shapes (pad to one length, the same number of images);
 - no host synchronisation inside it: the batch's layout (naavit.build_layout) is built from host copies of input_ids
   and attention_mask, then copied into static buffers with the inputs;
-- a capturable optimizer (torch's AdamW with capturable=True, fused or foreach): its step count stays on the device;
+- a capturable optimizer (torch's AdamW with capturable=True, fused or foreach): its step count stays on the device,
+  and its learning rates become device tensors (a float would be frozen into the graph), so that a scheduler's
+  changes, which torch's schedulers write into such a tensor in place, reach every replay;
 - gradients that stay where they are: allocated once, inside the capture, from the graph's memory pool; every replay
   writes them afresh (no accumulation across calls; p.grad holds the last step's gradients, as after an eager step).
 Every call is one real step on its own batch: the first `warmup` calls run eagerly on a side stream (lazy set-up:
@@ -50,6 +52,9 @@ class GraphedTrainStep:
             raise ValueError(f"warmup must be >= 1 (the optimizer's state is created eagerly), got {warmup}")
         self.model, self.optimizer, self.warmup, self.max_grad_norm = model, optimizer, warmup, max_grad_norm
         self.device = model.get_input_embeddings().weight.device
+        for group in optimizer.param_groups:
+            if not isinstance(group["lr"], torch.Tensor):
+                group["lr"] = torch.tensor(float(group["lr"]), device=self.device)
         self.calls = 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static: dict[str, torch.Tensor] = {}
