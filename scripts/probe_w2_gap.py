@@ -20,17 +20,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from profile_prefill import timeline
+from profile_prefill import interleaved, timeline
 
-from saisa.bench.timing import time_fn
+from saisa.bench.timing import summarize
+from saisa.model.fused import projector_hidden
 from saisa.model.graphs import capture_graph, preferred_blas
 
 C, V, D, H, T = 32, 576, 1024, 4096, 64  # layers, visual tokens, CLIP width, LLM width, text rows
@@ -40,11 +39,10 @@ def build(blas: str, layout: str, features, w1, b1, w2):
     """A graph of the visual path under `blas`. layout "strided": W2 writes into (C, 1, V + T, H) rows as the
     prefill does; "contiguous": into a fresh (C, V, H) tensor; "w2-only": the W2 bmm alone (its input made before
     capture); "per-layer": W2 as C separate GEMMs (torch.mm) into the strided rows."""
-    a0 = F.gelu(torch.bmm(features.expand(C, -1, -1), w1.transpose(1, 2)) + b1.unsqueeze(1))
+    a0 = projector_hidden(features, w1, b1)
 
     def run():
-        a = a0 if layout == "w2-only" else F.gelu(torch.bmm(features.expand(C, -1, -1), w1.transpose(1, 2))
-                                                   + b1.unsqueeze(1))
+        a = a0 if layout == "w2-only" else projector_hidden(features, w1, b1)  # W1, + b1, GELU: three kernels
         if layout == "contiguous":
             return torch.bmm(a, w2.transpose(1, 2))
         rows = a.new_empty(C, 1, V + T, H)
@@ -129,9 +127,9 @@ def prefill(args) -> None:
                         ph["w2"].append(m[1].elapsed_time(m[2]))
                         ph["rstd"].append(m[2].elapsed_time(m[3]))
     for name, ph in phases.items():
-        row = {k: round(statistics.median(v), 4) for k, v in ph.items() if v}
-        row.update({f"{k}_p10_p90": [round(sorted(v)[len(v) // 10], 4), round(sorted(v)[-len(v) // 10 - 1], 4)]
-                    for k, v in ph.items() if v})
+        timings = {k: summarize(v, 3, "cuda_event") for k, v in ph.items() if v}
+        row = {k: round(t.median_ms, 4) for k, t in timings.items()}
+        row.update({f"{k}_p10_p90": [round(t.p10_ms, 4), round(t.p90_ms, 4)] for k, t in timings.items()})
         results["variants"][name] = row
         print(f"{name:<18} " + "  ".join(f"{k} {v:.4f} ms" for k, v in row.items() if not k.endswith("p90")))
     Path(args.out).write_text(json.dumps(results, indent=1))
@@ -156,17 +154,14 @@ def main() -> None:
                 for layout in ("strided", "contiguous", "w2-only", "per-layer")}
     graphs = {name: build(*kw, features, w1, b1, w2) for name, kw in variants.items()}
     results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "variants": {}}
-    medians: dict[str, list[float]] = {name: [] for name in graphs}
-    for _ in range(args.rounds):
-        for name, graph in graphs.items():
-            medians[name].append(time_fn(lambda i, g=graph: g.replay(), dev, warmup=3, repeats=20).median_ms)
+    rounds = interleaved({name: (lambda i=0, g=graph: g.replay()) for name, graph in graphs.items()}, dev,
+                         args.rounds, repeats=20)
     for name, graph in graphs.items():
         line = timeline(graph.replay, None, top=8)
-        results["variants"][name] = {"ms": round(statistics.median(medians[name]), 3),
-                                     "round_ms": [round(m, 3) for m in medians[name]],
+        results["variants"][name] = {"ms": rounds[name]["ms"], "round_ms": rounds[name]["round_ms"],
                                      "idle_gaps": line.get("idle_gaps"), "top": line.get("top"),
                                      "span_ms": line.get("span_ms")}
-        print(f"{name:<22} {results['variants'][name]['ms']:8.3f} ms  rounds {medians[name]}  "
+        print(f"{name:<22} {rounds[name]['ms']:8.3f} ms  rounds {rounds[name]['round_ms']}  "
               f"idle {line.get('idle_gaps', {}).get('total_ms')} ms, max gap {line.get('idle_gaps', {}).get('max_us')} us")
     # Back to back (no synchronisation between replays): the steady kernel time, host out of the way.
     for name, graph in graphs.items():

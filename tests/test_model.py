@@ -235,6 +235,10 @@ def test_forward_takes_a_prebuilt_layout():
     expected = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=ids).loss
     given = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=ids, layout=layout).loss
     assert_close(given, expected)
+    moved = torch.stack([with_images(seed=s, length=10, image_at=[a]) for s, a in ((13, 4), (14, 8))])
+    elsewhere = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=ids,
+                      layout=model.layout(moved, mask, 2)).loss  # the images' positions taken from the layout
+    assert not torch.allclose(elsewhere, expected)
     other = model.layout(ids[:, :-1], mask[:, :-1], 2)
     with pytest.raises(ValueError, match="layout given is for input_ids of shape"):
         model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=ids, layout=other)

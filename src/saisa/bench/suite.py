@@ -264,11 +264,12 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, sets: list, graphed
     the same step captured once and replayed (GraphedTrainStep; opt must be capturable)."""
     if graphed:
         replay = GraphedTrainStep(model, opt, warmup=2)
-        return lambda i: replay(input_ids=sets[i % len(sets)].ids, labels=sets[i % len(sets)].ids,
-                                pixel_values=sets[i % len(sets)].pixels)
 
     def step(i: int) -> None:
         x = sets[i % len(sets)]
+        if graphed:
+            replay(input_ids=x.ids, labels=x.ids, pixel_values=x.pixels)
+            return
         model(input_ids=x.ids, pixel_values=x.pixels, labels=x.ids).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -62,13 +62,8 @@ class GraphedForward:
         self._run = lambda: model.forward_with_layout(
             self.input_ids, self.layout, self.image_features, None, logits_to_keep
         )
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with preferred_blas(blas):
-            with torch.no_grad(), torch.cuda.stream(side):
-                for _ in range(warmup):
-                    self._run()
-            torch.cuda.current_stream(device).wait_stream(side)
+        with preferred_blas(blas), torch.no_grad():
+            on_side_stream(lambda: _repeat(self._run, warmup), torch.cuda.Stream(device))
             self.graph = torch.cuda.CUDAGraph()
             # Captured on a high-priority stream: the text layers (memory-bound) are then scheduled ahead of the
             # visual path when it runs on the model's side stream (compute-bound), so the two can share the SMs.
@@ -76,11 +71,8 @@ class GraphedForward:
             # workspace) run outside the capture. A tiny llava graph once failed inside the capture, in a cuBLASLt
             # batched GEMM on an H100 (the cause was not confirmed; the run before and after passed).
             capture = torch.cuda.Stream(device, priority=-1)
-            capture.wait_stream(torch.cuda.current_stream(device))
-            with torch.no_grad(), torch.cuda.stream(capture):
-                self._run()
-            torch.cuda.current_stream(device).wait_stream(capture)
-            with torch.no_grad(), torch.cuda.graph(self.graph, stream=capture):
+            on_side_stream(self._run, capture)
+            with torch.cuda.graph(self.graph, stream=capture):
                 self.logits = self._run()
 
     def __call__(self, image_features: torch.Tensor | None = None, input_ids: torch.Tensor | None = None):
@@ -93,16 +85,30 @@ class GraphedForward:
         return self.logits
 
 
+def _repeat(fn: Callable[[], Any], times: int) -> None:
+    """Call fn `times` times, keeping none of its outputs (each is freed before the next call)."""
+    for _ in range(times):
+        fn()
+
+
+def on_side_stream(fn: Callable[[], Any], stream: torch.cuda.Stream | None = None) -> Any:
+    """`fn()` on `stream` (default: a new one on the current device), ordered after the work on its device's
+    current stream and before the work that follows there: how warm-up runs before a capture, so that lazy set-up
+    (BLAS workspaces, optimizer state) stays out of it."""
+    side = stream if stream is not None else torch.cuda.Stream()
+    current = torch.cuda.current_stream(side.device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        out = fn()
+    current.wait_stream(side)
+    return out
+
+
 def capture_graph(fn: Callable[[], Any], warmup: int = 3) -> tuple[torch.cuda.CUDAGraph, Any]:
     """Capture `fn` (static inputs) into a CUDA graph after `warmup` calls on a side stream; (graph, its output).
 
     The capture only records: `fn`'s work runs at the first `graph.replay()`."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
+    on_side_stream(lambda: _repeat(fn, warmup))
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = fn()

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from saisa.model.graphs import capture_graph
+from saisa.model.graphs import capture_graph, on_side_stream
 from saisa.model.naavit import SequenceLayout
 
 INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_features")
@@ -83,7 +83,7 @@ class GraphedTrainStep:
         layout = self.model.layout(ids.cpu(), mask.cpu(), 0 if images is None else images.shape[0], v)
         if not self.static:
             self.static = {k: t.to(self.device).clone() for k, t in batch.items()}
-            self.layout = layout.to(self.device)
+            self.layout = layout  # on the model's device (model.layout moves it there)
             return
         shapes = {k: tuple(t.shape) for k, t in batch.items()}
         expected = {k: tuple(t.shape) for k, t in self.static.items()}
@@ -109,11 +109,7 @@ class GraphedTrainStep:
                  if t is not None}
         self._load(batch)
         if self.calls < self.warmup:
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                self.loss = self._run()
-            torch.cuda.current_stream(self.device).wait_stream(side)
+            self.loss = on_side_stream(self._run, torch.cuda.Stream(self.device))
         else:
             if self.graph is None:
                 torch.cuda.empty_cache()  # the eager steps' cached blocks, so that the graph's pool can take them
