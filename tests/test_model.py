@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 from conftest import (
@@ -662,6 +664,18 @@ def test_prefill_tables_are_made_once_per_layout():
             assert torch.equal(first, again)
             outs[at] = (ids, first)
         assert len(made) == 2, "one set of tables per layout"
+        # Tables live as long as their layout (a graph holds its layout): six layouts alive, six sets kept.
+        ids = with_images(seed=33, length=11, image_at=[3])[None]
+        layouts = [model.layout(ids, torch.ones_like(ids), 1) for _ in range(6)]
+        for layout in layouts:
+            model.forward_with_layout(ids, layout, feats)
+        kept = [model._fused.tables[(id(lay), feats.shape[1], torch.float32, ids.device)] for lay in layouts]
+        assert len(made) == 8 and all(entry[0]() is lay for entry, lay in zip(kept, layouts, strict=True))
+        model.forward_with_layout(ids, layouts[0], feats)
+        assert len(made) == 8, "the first layout's tables were kept beside five others"
+        del layouts, layout, kept
+        gc.collect()
+        assert not model._fused.tables, "a layout's tables go with it"
         model.train().eval()  # the reference path
         for ids, fast in outs.values():
             ref = model(input_ids=ids, pixel_values=pixels).logits

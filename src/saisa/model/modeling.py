@@ -14,6 +14,7 @@ In training with labels the loss skips the logits (loss.py) and `logits` is None
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -98,7 +99,7 @@ class FusedPath:
     ffn: str = "aten"  # the FFN's first half (fused.FFN), where the rows allow it
     step: str = "compiled"  # a text layer's form (fused.STEP); "skinny" where fused.skinny_supported, else compiled
     chunks: Chunks = None  # layers per visual chunk (visual_kv.chunk_slices)
-    tables: dict = field(default_factory=dict)  # layout -> _prefill_tables' tensors, for the last few layouts
+    tables: dict = field(default_factory=dict)  # layout -> _prefill_tables' tensors, while the layout lives
     pdl: bool = False  # the skinny step's kernels as programmatic dependent launches (fused.skinny_layer_step)
     first: Callable | None = None  # compiled fused.skinny_first_inputs
     finish: Callable | None = None  # compiled fused.placed_final_norm; None: the model's own final norm
@@ -582,12 +583,14 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
 
     def _prefill_tables(self, text_h: torch.Tensor, layout: SequenceLayout, v: int) -> tuple:
         """The fused prefill's layout-only tensors: (text columns or None, the keys' RoPE tables (B, Sv + T, D)
-        visual then text, the text queries' additive mask (B, 1, T, Sv + T), 0 or -inf). Kept for the last few
-        layouts seen outside CUDA-graph capture, so a graph captured for a fixed layout (GraphedForward: warm-up
-        runs first) replays none of the ~40 small kernels that make them."""
+        visual then text, the text queries' additive mask (B, 1, T, Sv + T), 0 or -inf). Made outside CUDA-graph
+        capture, they are kept as long as their layout object lives, so a graph captured for a fixed layout
+        (GraphedForward: warm-up runs first, and it holds the layout) replays none of the ~40 small kernels that make
+        them, and reads tensors that live as long as it does. (An earlier cache kept the last four layouts' tables:
+        a fifth graph's warm-up freed the first graph's, which then read freed memory.)"""
         key = (id(layout), v, text_h.dtype, text_h.device)
         hit = self._fused.tables.get(key)
-        if hit is not None and hit[0] is layout:
+        if hit is not None and hit[0]() is layout:
             return hit[1]
         mask, cos, sin, vis_cos, vis_sin = self._mask_and_rope(text_h, layout, v, None)
         cols = layout.text_columns
@@ -602,9 +605,8 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         attn_bias = torch.zeros(mask.shape, dtype=text_h.dtype, device=mask.device).masked_fill(~mask, float("-inf"))
         tables = (cols, key_cos, key_sin, attn_bias)
         if not (text_h.is_cuda and torch.cuda.is_current_stream_capturing()):  # a graph's pool is not ours to keep
-            while len(self._fused.tables) >= 4:
-                self._fused.tables.pop(next(iter(self._fused.tables)))
-            self._fused.tables[key] = (layout, tables)
+            self._fused.tables[key] = (weakref.ref(layout), tables)
+            weakref.finalize(layout, self._fused.tables.pop, key, None)  # the entry goes with its layout
         return tables
 
     def _decode_fused(self, text_h: torch.Tensor, features: torch.Tensor, layout: SequenceLayout, keep: int = 0
