@@ -13,7 +13,10 @@ interleaved) and one profiled replay's kernels, memsets and idle gaps.
 --prefill: the whole graphed t=64 prefill (the bench's default settings) with timing events captured inside the
 graph (torch.cuda.Event(external=True)) around the projector's parts, so each replay, unprofiled, gives the time of
 W1 + bias + GELU, of the W2 GEMM (any wait before it included), and of the rows' 1 / RMS; variants: the markers
-alone, and W2 as two GEMMs of 16 layers each.
+alone, W2 as two GEMMs of 16 layers each, and "edges": events at the captured forward's first and after its last
+node, so the bench's latency (events around the input copy and the replay) splits into the time to the graph's
+first node, the graph's body and what follows it; and the host time of each call. "one-graph" variants: the
+forward captured as one graph (GraphedForward(split=False)), not cut after the visual path.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -95,19 +99,25 @@ def prefill(args) -> None:
     hidden, rstd = base.keywords["hidden"], base.keywords["row_rstd"]
     results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "variants": {}}
     graphs, marks = {}, {}
-    for name in ("plain", "marked", "marked-split-w2"):
+    for name in ("plain", "one-graph", "marked", "marked-split-w2", "edges", "edges-one-graph"):
         m = [torch.cuda.Event(enable_timing=True, external=True) for _ in range(4)]
-        if name == "plain":
+        if name in ("plain", "one-graph", "edges", "edges-one-graph"):
             model._fused.rows = base
         else:
             rows_fn = fused.visual_rows_chunk if name == "marked" else split_rows
             model._fused.rows = functools.partial(rows_fn, hidden=_marked(hidden, m, 0, 1),
                                                   row_rstd=_marked(rstd, m, 2, 3))
+        if name.startswith("edges"):  # events at the first and after the last node of the captured forward
+            model.forward_with_layout = _marked(type(model).forward_with_layout.__get__(model), m, 0, 1)
         with torch.no_grad():
-            graphs[name] = GraphedForward(model, s.ids, None, s.features, logits_to_keep=1)
+            graphs[name] = GraphedForward(model, s.ids, None, s.features, logits_to_keep=1,
+                                          split=not name.endswith("one-graph"))
         marks[name] = m
+        model.__dict__.pop("forward_with_layout", None)
     model._fused.rows = base
-    phases: dict[str, dict[str, list[float]]] = {n: {"total": [], "w1_gelu": [], "w2": [], "rstd": []} for n in graphs}
+    phases: dict[str, dict[str, list[float]]] = {
+        n: {"total": [], "w1_gelu": [], "w2": [], "rstd": [], "to_first_node": [], "graph_body": [],
+            "after_last_node": [], "host_call": []} for n in graphs}
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     with torch.no_grad():
         for _ in range(args.rounds):
@@ -115,14 +125,21 @@ def prefill(args) -> None:
                 for i in range(23):
                     torch.cuda.synchronize()
                     start.record()
+                    t0 = time.perf_counter()
                     graph(s.features)
+                    t1 = time.perf_counter()
                     end.record()
                     torch.cuda.synchronize()
                     if i < 3:
                         continue
                     ph, m = phases[name], marks[name]
                     ph["total"].append(start.elapsed_time(end))
-                    if name != "plain":
+                    ph["host_call"].append((t1 - t0) * 1e3)
+                    if name.startswith("edges"):
+                        ph["to_first_node"].append(start.elapsed_time(m[0]))
+                        ph["graph_body"].append(m[0].elapsed_time(m[1]))
+                        ph["after_last_node"].append(m[1].elapsed_time(end))
+                    elif name.startswith("marked"):
                         ph["w1_gelu"].append(m[0].elapsed_time(m[1]))
                         ph["w2"].append(m[1].elapsed_time(m[2]))
                         ph["rstd"].append(m[2].elapsed_time(m[3]))
