@@ -15,8 +15,7 @@ graph (torch.cuda.Event(external=True)) around the projector's parts, so each re
 W1 + bias + GELU, of the W2 GEMM (any wait before it included), and of the rows' 1 / RMS; variants: the markers
 alone, W2 as two GEMMs of 16 layers each, and "edges": events at the captured forward's first and after its last
 node, so the bench's latency (events around the input copy and the replay) splits into the time to the graph's
-first node, the graph's body and what follows it; and the host time of each call. "one-graph" variants: the
-forward captured as one graph (GraphedForward(split=False)), not cut after the visual path.
+first node, the graph's body and what follows it; and the host time of each call.
 """
 
 from __future__ import annotations
@@ -99,19 +98,18 @@ def prefill(args) -> None:
     hidden, rstd = base.keywords["hidden"], base.keywords["row_rstd"]
     results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "variants": {}}
     graphs, marks = {}, {}
-    for name in ("plain", "one-graph", "marked", "marked-split-w2", "edges", "edges-one-graph"):
+    for name in ("plain", "marked", "marked-split-w2", "edges"):
         m = [torch.cuda.Event(enable_timing=True, external=True) for _ in range(4)]
-        if name in ("plain", "one-graph", "edges", "edges-one-graph"):
+        if name in ("plain", "edges"):
             model._fused.rows = base
         else:
             rows_fn = fused.visual_rows_chunk if name == "marked" else split_rows
             model._fused.rows = functools.partial(rows_fn, hidden=_marked(hidden, m, 0, 1),
                                                   row_rstd=_marked(rstd, m, 2, 3))
-        if name.startswith("edges"):  # events at the first and after the last node of the captured forward
+        if name == "edges":  # events at the first and after the last node of the captured forward
             model.forward_with_layout = _marked(type(model).forward_with_layout.__get__(model), m, 0, 1)
         with torch.no_grad():
-            graphs[name] = GraphedForward(model, s.ids, None, s.features, logits_to_keep=1,
-                                          split=not name.endswith("one-graph"))
+            graphs[name] = GraphedForward(model, s.ids, None, s.features, logits_to_keep=1)
         marks[name] = m
         model.__dict__.pop("forward_with_layout", None)
     model._fused.rows = base
@@ -135,7 +133,7 @@ def prefill(args) -> None:
                     ph, m = phases[name], marks[name]
                     ph["total"].append(start.elapsed_time(end))
                     ph["host_call"].append((t1 - t0) * 1e3)
-                    if name.startswith("edges"):
+                    if name == "edges":
                         ph["to_first_node"].append(start.elapsed_time(m[0]))
                         ph["graph_body"].append(m[0].elapsed_time(m[1]))
                         ph["after_last_node"].append(m[1].elapsed_time(end))

@@ -342,16 +342,15 @@ def text_layers(rows: int, layers: int, dev, sv: int = 576, h: int = 4096, f: in
             torch.zeros(layers, 2, rows, device=dev))
 
 
-def pdl_section(rows: int, layers: int, dev, sv: int = 576, rounds: int = 5, tiles: str | None = None) -> dict:
+def pdl_section(rows: int, layers: int, dev, sv: int = 576, rounds: int = 5, tiles: bool = False) -> dict:
     """n text layers of fused.skinny_layer_step in one graph: kernels launched in turn, against programmatic
     dependent launches (pdl) with 0 to 32 lines of each weight row prefetched to L2 before the wait (tiles: with 4
-    lines, other tilings of the GEMMs instead: "tiles", split_k 1; "split", split-K ones); checked against the
-    serial chain's output, timed in interleaved rounds (median of the rounds' medians, us per layer)."""
+    lines, other tilings of the GEMMs instead); checked against the serial chain's output, timed in interleaved
+    rounds (median of the rounds' medians, us per layer)."""
     from saisa.model.fused import skinny_layer_step
 
     hd, eps = 128, 1e-5
     ws, inputs, cos, sin, bias, hidden0, x0, ss0, sums = text_layers(rows, layers, dev, sv)
-    counters = torch.zeros(11008, dtype=torch.int32, device=dev)  # shared by every split-K kernel (left zero)
     result: list[torch.Tensor] = []
 
     def chain(pdl: bool, prefetch: int):
@@ -362,8 +361,7 @@ def pdl_section(rows: int, layers: int, dev, sv: int = 576, rounds: int = 5, til
                 last = i + 1 == layers
                 hidden, x_ln, ss = skinny_layer_step(
                     hidden, x_ln, ss, sums[i], inputs[i], None if last else inputs[i + 1][:, -rows:], bias, cos,
-                    sin, w, None if last else ws[i + 1].ln1, eps, hd, True, pdl=pdl, prefetch=prefetch,
-                    counters=counters)
+                    sin, w, None if last else ws[i + 1].ln1, eps, hd, True, pdl=pdl, prefetch=prefetch)
             result[:] = [hidden]
         return run
 
@@ -372,17 +370,11 @@ def pdl_section(rows: int, layers: int, dev, sv: int = 576, rounds: int = 5, til
     if tiles:
         T = skinny.Tiles
         settings = {"serial": (False, 0, None), "pdl, prefetch 4": (True, 4, None)}
-        tried = ((T(16, 128, 4, 4), None), (T(16, 128, 6, 4), None), (T(64, 128, 3, 4), None),
-                 (T(32, 128, 4, 4), None), (T(32, 256, 3, 4), None), (None, T(16, 128, 6, 4)),
-                 (None, T(32, 128, 4, 4)), (None, T(32, 64, 8, 4)), (None, T(64, 128, 3, 8)))
-        if tiles == "split":
-            tried = ((T(64, 128, 4, 4, 2), None), (T(64, 128, 6, 4, 2), None), (T(64, 64, 6, 4, 2), None),
-                     (T(128, 64, 6, 4, 4), None), (T(128, 128, 4, 4, 2), None), (T(32, 128, 6, 4, 2), None),
-                     (None, T(64, 128, 4, 4, 2)), (None, T(64, 64, 6, 4, 2)), (None, T(32, 128, 6, 4, 2)),
-                     (T(64, 128, 6, 4, 2), T(64, 64, 6, 4, 2)), (T(64, 64, 6, 4, 2), T(64, 128, 4, 4, 2)))
-        for res, gu in tried:
-            name = f"pdl, prefetch 4, {'residual ' + str(tuple(res)[:5]) if res else ''}" \
-                   f"{' ' if res and gu else ''}{'gate_up ' + str(tuple(gu)[:5]) if gu else ''}"
+        for res, gu in ((T(16, 128, 4, 4), None), (T(16, 128, 6, 4), None), (T(64, 128, 3, 4), None),
+                        (T(32, 128, 4, 4), None), (T(32, 256, 3, 4), None), (None, T(16, 128, 6, 4)),
+                        (None, T(32, 128, 4, 4)), (None, T(32, 64, 8, 4)), (None, T(64, 128, 3, 8))):
+            name = f"pdl, prefetch 4, {'residual ' + str(tuple(res)[:4]) if res else ''}" \
+                   f"{'gate_up ' + str(tuple(gu)[:4]) if gu else ''}"
             settings[name] = (True, 4, (res, gu))
     out: dict = {"checks": {}, "us_per_layer": {}}
     default_tiles = (skinny.RESIDUAL, skinny.GATE_UP)
@@ -1105,8 +1097,7 @@ def main() -> None:
         "coresident": lambda: coresident_section(args.rows, args.layers, dev),
         "prefetch": lambda: prefetch_section(args.layers, dev),
         "pdl": lambda: pdl_section(args.rows, args.layers, dev),
-        "pdl-tiles": lambda: pdl_section(args.rows, args.layers, dev, tiles="tiles"),
-        "pdl-split": lambda: pdl_section(args.rows, args.layers, dev, tiles="split"),
+        "pdl-tiles": lambda: pdl_section(args.rows, args.layers, dev, tiles=True),
         "partition": lambda: partition_section(args.rows, args.layers, dev),
         "hold": lambda: hold_section(args.rows, args.layers, dev),
         "tma": lambda: tma_section(args.rows, args.layers, dev),

@@ -175,9 +175,8 @@ def test_fused_visual_kv_in_bf16_matches_autograd(autocast):
 @pytest.mark.parametrize("rows", [1, 17, 64])
 @pytest.mark.parametrize("n,k", [(256, 512), (4096, 1024), (1024, 4096)])
 def test_skinny_kernels_match_aten(rows, n, k):
-    """skinny.linear (one program per block of W's rows; split-K: the last program of a tile adds the partials up)
-    and skinny.gate_up equal aten's GEMMs within bf16 rounding, for row counts that fill the tile, part of it, or
-    one row of it."""
+    """skinny.linear (one program per block of W's rows; split-K through fp32 atomics) and skinny.gate_up equal
+    aten's GEMMs within bf16 rounding, for row counts that fill the tile, part of it, or one row of it."""
     torch.manual_seed(rows + n)
     x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
     wg, wu = (torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k**-0.5 for _ in range(2))
@@ -258,18 +257,10 @@ def test_text_attention_matches_the_reference(b, t, sv, hq, hkv, d, text_first):
     assert _rel(torch.ops.saisa.text_attention(q, kv, cos, sin, bias, d, True), ref) < 1e-2
 
 
-SPLIT_TILES = [  # (linear_residual's, gate_up's): as the model runs them, then split-K in 2 and 4
-    (skinny.RESIDUAL, skinny.GATE_UP), (skinny.Tiles(64, 128, 4, 4, 2), skinny.Tiles(64, 128, 4, 4, 2)),
-    (skinny.Tiles(64, 64, 4, 4, 4), skinny.Tiles(32, 64, 4, 4, 4)),
-]
-
-
-@pytest.mark.parametrize("res_tiles,gu_tiles", SPLIT_TILES)
-def test_linear_residual_and_the_deferred_norm_match_aten(res_tiles, gu_tiles):
+def test_linear_residual_and_the_deferred_norm_match_aten():
     """skinny.linear_residual's epilogue (residual add, the rows times the next norm's weight, a copy into strided
     rows, partial sums of squares) and skinny.gate_up dividing by the RMS from those sums equal the reference:
-    h = residual + x W^T, then SiLU(RMSNorm(h) W_g^T) * (RMSNorm(h) W_u^T). Split-K: the same bits on every
-    launch whatever order the programs finish in, and the shared tile counters left at zero."""
+    h = residual + x W^T, then SiLU(RMSNorm(h) W_g^T) * (RMSNorm(h) W_u^T)."""
     torch.manual_seed(5)
     b, t, k, n, inner, eps = 2, 23, 512, 256, 1024, 1e-5
     x = torch.randn(b, t, k, device="cuda", dtype=torch.bfloat16)
@@ -277,9 +268,7 @@ def test_linear_residual_and_the_deferred_norm_match_aten(res_tiles, gu_tiles):
     residual = torch.randn(b, t + 7, n, device="cuda", dtype=torch.bfloat16)[:, 7:]  # strided rows
     ln = torch.rand(n, device="cuda", dtype=torch.bfloat16) + 0.5
     room = torch.zeros(b, 40 + t, n, device="cuda", dtype=torch.bfloat16)
-    counters = skinny.split_counters(1024, skinny.Tiles(block_n=16), "cuda")
-    out, x_ln, ss = skinny.linear_residual(x, w, residual, ln, rows_out=room[:, 40:], tiles=res_tiles,
-                                           counters=counters)
+    out, x_ln, ss = skinny.linear_residual(x, w, residual, ln, rows_out=room[:, 40:], tiles=skinny.RESIDUAL)
     ref = residual + (x @ w.T)
     assert out.shape == (b, t, n) and ss.shape == (b * t,)
     assert_close(out, ref, atol=2e-2, rtol=1e-2)
@@ -289,18 +278,12 @@ def test_linear_residual_and_the_deferred_norm_match_aten(res_tiles, gu_tiles):
     wg, wu = (torch.randn(inner, n, device="cuda", dtype=torch.bfloat16) * n**-0.5 for _ in range(2))
     normed = ln * (out.float() * torch.rsqrt(out.float().pow(2).mean(-1, keepdim=True) + eps)).to(out.dtype)
     expect = torch.nn.functional.silu(normed @ wg.T) * (normed @ wu.T)
-    got = skinny.gate_up(x_ln, wg, wu, gu_tiles, ss=ss, eps=eps, counters=counters)
+    got = skinny.gate_up(x_ln, wg, wu, skinny.GATE_UP, ss=ss, eps=eps)
     assert _rel(got, expect) < 1e-2
-    for _ in range(3):
-        last, none, _ = skinny.linear_residual(x, w, residual, tiles=res_tiles, counters=counters)
-        assert none is None and torch.equal(last, out)
-        assert torch.equal(skinny.gate_up(x_ln, wg, wu, gu_tiles, ss=ss, eps=eps, counters=counters), got)
-    assert not counters.any(), "every launch leaves the counters at zero"
+    last, none, _ = skinny.linear_residual(x, w, residual)
+    assert none is None and torch.equal(last, out)
     with pytest.raises(ValueError, match="sums of squares"):
-        skinny.gate_up(x_ln, wg, wu, gu_tiles, ss=ss[:-1], eps=eps)
-    if res_tiles.split_k > 1:
-        with pytest.raises(ValueError, match="split-K counters"):
-            skinny.linear_residual(x, w, residual, tiles=res_tiles, counters=counters[:3])
+        skinny.gate_up(x_ln, wg, wu, skinny.GATE_UP, ss=ss[:-1], eps=eps)
 
 
 @pytest.mark.parametrize("b,t,sv", [(1, 64, 576), (2, 37, 100)])
@@ -395,49 +378,6 @@ def test_graphed_skinny_step_matches_compiled_and_reference(chunk, overlap):
         assert _rel(outs[name], outs["compiled"]) < 2e-2
 
 
-def test_graphed_skinny_step_with_split_k(monkeypatch):
-    """With split-K tiles for q/o/down_proj and the FFN's first half, the graphed skinny step (pdl where the GPU
-    has it) still computes the reference's function: the forward makes the tile counters its kernels share."""
-    from saisa.model.fused import skinny_counters
-
-    monkeypatch.setattr(skinny, "RESIDUAL", SPLIT_TILES[2][0])
-    monkeypatch.setattr(skinny, "GATE_UP", SPLIT_TILES[1][1])
-    model = _model("saisa")
-    ids, feats = _prompt(model, seed=6)
-    with torch.no_grad():
-        ref = model(input_ids=ids, image_features=feats).logits[:, -1:].float()
-        model.optimize_for_inference(compile=True, step="skinny", pdl=skinny.pdl_supported(torch.device("cuda")))
-        assert model._fused.step == "skinny" and skinny_counters(model._fused.layers[0]) == 512 // 64
-        text_rows = torch.empty(1, ids.shape[1] - 1, 256, device="cuda", dtype=torch.bfloat16)
-        assert skinny_supported(text_rows, model._fused.layers[0], 32), "the skinny step must serve these rows"
-        graphed = GraphedForward(model, ids, image_features=feats)
-        first = graphed(feats).float().clone()
-        again = graphed(feats).float()
-    assert _rel(first, ref) < 2e-2
-    assert _rel(again, first) < 1e-2
-
-
-def test_graphed_forward_splits_after_the_visual_path():
-    """GraphedForward captures the fused saisa prefill as two graphs, the visual path and then the text layers
-    (graphs.graph_boundary), which replay what one graph of it computes; with the visual path on a side stream
-    (overlap) there is no boundary, and one graph."""
-    model = _model("saisa")
-    ids, feats = _prompt(model, seed=8)
-    other = torch.randn_like(feats)
-    with torch.no_grad():
-        model.optimize_for_inference(compile=True)
-        ref = model(input_ids=ids, image_features=other).logits[:, -1:].float()
-        two = GraphedForward(model, ids, image_features=feats)
-        one = GraphedForward(model, ids, image_features=feats, split=False)
-        assert len(two.graphs) == 2 and len(one.graphs) == 1
-        got_two, got_one = two(other).float().clone(), one(other).float().clone()
-        model.optimize_for_inference(compile=True, chunk=1, overlap=True)
-        overlapped = GraphedForward(model, ids, image_features=feats)
-        assert len(overlapped.graphs) == 1
-        got_overlap = overlapped(other).float()
-    assert _rel(got_two, got_one) < 1e-2 and _rel(got_two, ref) < 2e-2 and _rel(got_overlap, ref) < 2e-2
-
-
 def test_pdl_kernels_match_serial_launches():
     """skinny's GEMMs and text_attention launched as programmatic dependents (weight lines prefetched before the
     wait) compute what they compute launched in turn, back to back in one CUDA graph where each reads the one
@@ -450,29 +390,24 @@ def test_pdl_kernels_match_serial_launches():
     wq, wo = (torch.randn(h, h, device="cuda", dtype=torch.bfloat16) * h**-0.5 for _ in range(2))
     wg, wu = (torch.randn(f, h, device="cuda", dtype=torch.bfloat16) * h**-0.5 for _ in range(2))
     wd = torch.randn(h, f, device="cuda", dtype=torch.bfloat16) * f**-0.5
-    counters = skinny.split_counters(f, skinny.Tiles(block_n=16), "cuda")  # shared by the split-K launches
-
-    def chain(pdl, res_tiles, gu_tiles):
-        tiles, gu_tiles = res_tiles._replace(prefetch=4), gu_tiles._replace(prefetch=4)
-        q = skinny.linear(x, wq, tiles, pdl=pdl, counters=counters)
-        hidden, x_ln, ss = skinny.linear_residual(q, wo, x, torch.ones(h, device="cuda", dtype=torch.bfloat16),
-                                                  tiles=tiles, pdl=pdl, counters=counters)
-        inner = skinny.gate_up(x_ln, wg, wu, gu_tiles, ss=ss, eps=1e-5, pdl=pdl, counters=counters)
-        return skinny.linear_residual(inner, wd, hidden, tiles=tiles, pdl=pdl, counters=counters)[0]
-
-    for res_tiles, gu_tiles in SPLIT_TILES[:2]:
-        outs = {}
-        for pdl in (False, True):
-            chain(pdl, res_tiles, gu_tiles)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = chain(pdl, res_tiles, gu_tiles)
-            for _ in range(3):
-                graph.replay()
-            outs[pdl] = out.float().clone()
-        assert _rel(outs[True], outs[False]) < 1e-3, res_tiles
-        assert not counters.any()
     tiles = skinny.RESIDUAL._replace(prefetch=4)
+
+    def chain(pdl):
+        q = skinny.linear(x, wq, tiles, pdl=pdl)
+        hidden, x_ln, ss = skinny.linear_residual(q, wo, x, torch.ones(h, device="cuda", dtype=torch.bfloat16),
+                                                  tiles=tiles, pdl=pdl)
+        inner = skinny.gate_up(x_ln, wg, wu, skinny.GATE_UP._replace(prefetch=4), ss=ss, eps=1e-5, pdl=pdl)
+        return skinny.linear_residual(inner, wd, hidden, tiles=tiles, pdl=pdl)[0]
+
+    outs = {}
+    for pdl in (False, True):
+        chain(pdl)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = chain(pdl)
+        graph.replay()
+        outs[pdl] = out.float().clone()
+    assert _rel(outs[True], outs[False]) < 1e-3
     with pytest.raises(ValueError, match="power of two"):
         skinny.linear(x, wq, tiles._replace(prefetch=3), pdl=True)
 

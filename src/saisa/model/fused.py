@@ -170,7 +170,6 @@ def skinny_layer_step(
     prefetch: int = skinny.PREFETCH,
     vis_rstd: torch.Tensor | None = None,
     kv_bias: torch.Tensor | None = None,
-    counters: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """`text_layer_step`'s function in six kernels, none of them a norm (check `skinny_supported`): the RMSNorms'
     division by each row's RMS is deferred to the kernels that read their output. A row's RMS is a scalar, so it
@@ -187,39 +186,27 @@ def skinny_layer_step(
     do not depend on the kernel before) and wait for its writes.
 
     vis_rstd, kv_bias: `inputs`' visual rows are `visual_rows_chunk`'s (before linear_2's bias and the norm's
-    division); attention adds their k/v bias and divides (text_attention's arguments of those names).
-
-    counters: where skinny.RESIDUAL or GATE_UP split K, the zeroed int32 tile counters their kernels share
-    (`skinny_counters` of them; they run one after another and leave them zero), made once per forward."""
+    division); attention adds their k/v bias and divides (text_attention's arguments of those names)."""
     residual, gate_up = skinny.RESIDUAL._replace(prefetch=prefetch), skinny.GATE_UP._replace(prefetch=prefetch)
-    q = skinny.linear(x_ln, w.wq, residual, pdl=True, counters=counters) if pdl else F.linear(x_ln, w.wq)
+    q = skinny.linear(x_ln, w.wq, residual, pdl=True) if pdl else F.linear(x_ln, w.wq)
     kv = F.linear(inputs, w.wkv)  # (B, Sv + T, 2k)
     attn = text_attention.text_attention(q, kv, cos, sin, attn_bias, head_dim, half_table=rope_half,
                                          row_sums=row_sums, row_dim=hidden.shape[-1], eps=eps, pdl=pdl,
                                          vis_rstd=vis_rstd, kv_bias=kv_bias)
     hidden, x_ln, row_sums = skinny.linear_residual(attn, w.wo, hidden, w.ln2, sums=sums[0], tiles=residual,
-                                                    pdl=pdl, counters=counters)
-    inner = skinny.gate_up(x_ln, w.wg, w.wu, gate_up, ss=row_sums, eps=eps, pdl=pdl, counters=counters)
+                                                    pdl=pdl)
+    inner = skinny.gate_up(x_ln, w.wg, w.wu, gate_up, ss=row_sums, eps=eps, pdl=pdl)
     return skinny.linear_residual(inner, w.wd, hidden, next_ln1, rows_out=next_rows, sums=sums[1], tiles=residual,
-                                  pdl=pdl, counters=counters)
+                                  pdl=pdl)
 
 
-def skinny_counters(w: TextLayer) -> int:
-    """How many split-K tile counters `skinny_layer_step`'s kernels need with skinny.RESIDUAL and GATE_UP (0: none
-    of them splits K)."""
-    need = [w_.shape[0] // skinny.RESIDUAL.block_n for w_ in (w.wq, w.wo, w.wd) if skinny.RESIDUAL.split_k > 1]
-    return max(need + ([w.wg.shape[0] // skinny.GATE_UP.block_n] if skinny.GATE_UP.split_k > 1 else [0]))
-
-
-def skinny_first_inputs(hidden: torch.Tensor, ln1: torch.Tensor, layers: int, counters: int = 0
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def skinny_first_inputs(hidden: torch.Tensor, ln1: torch.Tensor, layers: int
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What the first `skinny_layer_step` needs besides `hidden`: (hidden * ln1, the rows' fp32 sums of squares
-    (B*T,), zeros (layers, 2, B*T) for every layer's sums, `counters` int32 zeros for the split-K kernels (at
-    least one)); two kernels under torch.compile instead of five."""
+    (B*T,), zeros (layers, 2, B*T) for every layer's sums); two kernels under torch.compile instead of five."""
     rows = hidden.numel() // hidden.shape[-1]
     return (hidden * ln1, hidden.float().pow(2).sum(-1).flatten(),
-            hidden.new_zeros(layers, 2, rows, dtype=torch.float32),
-            hidden.new_zeros(max(counters, 1), dtype=torch.int32))
+            hidden.new_zeros(layers, 2, rows, dtype=torch.float32))
 
 
 def placed_final_norm(hidden: torch.Tensor, index: torch.Tensor | None, length: int, keep: int,

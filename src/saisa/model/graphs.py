@@ -1,12 +1,8 @@
-"""CUDA-graph capture of a fixed-shape prefill: every kernel launch of the forward replayed as graphs.
+"""CUDA-graph capture of a fixed-shape prefill: every kernel launch of the forward replayed as one graph.
 
 Unusual here: the layout (positions, image slots, mask inputs) is built once on the host before capture, so the
 captured region has no host synchronisation; inputs are copied into static buffers before each replay. At batch 1
 the eager prefill is launch-bound (hundreds of small kernels per forward), and this is what removes that overhead.
-Launching a graph is not free either: the t=64 prefill's ~240 nodes took ~0.1 ms from the call to the first node
-on an H100. So the forward is captured as consecutive graphs, split where it calls `graph_boundary` (after the
-visual path is enqueued): the few nodes of the first launch at once, and the text layers' graph is launched while
-the GPU runs them.
 The GEMMs are captured through cuBLASLt by default (torch's preferred BLAS library, set while capturing and put
 back after): at t=64 its kernels for the text GEMMs were faster than cuBLAS's (see BLAS). `capture_graph` is
 the plain warm-up-then-capture that the bench's HF graphs and the graphed training step (saisa.train.graphed) use.
@@ -14,7 +10,6 @@ the plain warm-up-then-capture that the bench's HF graphs and the graphed traini
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from contextlib import contextmanager
 from typing import Any
@@ -42,10 +37,7 @@ def preferred_blas(library: str | None):
 
 
 class GraphedForward:
-    """`model.forward_with_layout` for one (input_ids, attention_mask, image-feature shape), captured on CUDA.
-
-    split: capture it as consecutive graphs, one more wherever the forward calls `graph_boundary` (False: one
-    graph)."""
+    """`model.forward_with_layout` for one (input_ids, attention_mask, image-feature shape), captured on CUDA."""
 
     def __init__(
         self,
@@ -56,7 +48,6 @@ class GraphedForward:
         logits_to_keep: int = 1,
         warmup: int = 3,
         blas: str | None = BLAS,
-        split: bool = True,
     ) -> None:
         if not torch.cuda.is_available():
             raise RuntimeError("GraphedForward needs a CUDA device")
@@ -73,6 +64,7 @@ class GraphedForward:
         )
         with preferred_blas(blas), torch.no_grad():
             on_side_stream(lambda: _repeat(self._run, warmup), torch.cuda.Stream(device))
+            self.graph = torch.cuda.CUDAGraph()
             # Captured on a high-priority stream: the text layers (memory-bound) are then scheduled ahead of the
             # visual path when it runs on the model's side stream (compute-bound), so the two can share the SMs.
             # One more warm-up on that stream first, so that its first GEMMs (where torch sets up a stream's BLAS
@@ -80,7 +72,8 @@ class GraphedForward:
             # batched GEMM on an H100 (the cause was not confirmed; the run before and after passed).
             capture = torch.cuda.Stream(device, priority=-1)
             on_side_stream(self._run, capture)
-            self.graphs, self.logits = capture_segments(self._run, capture, split)
+            with torch.cuda.graph(self.graph, stream=capture):
+                self.logits = self._run()
 
     def __call__(self, image_features: torch.Tensor | None = None, input_ids: torch.Tensor | None = None):
         """Replay with new inputs of the captured shapes; returns the static logits buffer (copy it to keep it)."""
@@ -88,47 +81,8 @@ class GraphedForward:
             self.image_features.copy_(image_features, non_blocking=True)
         if input_ids is not None:
             self.input_ids.copy_(input_ids, non_blocking=True)
-        for graph in self.graphs:
-            graph.replay()
+        self.graph.replay()
         return self.logits
-
-
-_capturing = threading.local()  # .segments: the list of graphs a capture_segments on this thread is filling
-
-
-def graph_boundary() -> None:
-    """Where a forward may be cut into consecutive graphs: under `capture_segments(split=True)` on this thread, end
-    the graph being captured and begin the next; elsewhere nothing. Call it only with no work pending on other
-    streams (a graph's capture must join every stream it forked)."""
-    graphs = getattr(_capturing, "segments", None)
-    if graphs is not None:
-        graphs[-1].capture_end()
-        graphs.append(_begin(graphs[0].pool()))
-
-
-def _begin(pool=None) -> torch.cuda.CUDAGraph:
-    graph = torch.cuda.CUDAGraph()
-    graph.capture_begin(pool=pool)
-    return graph
-
-
-def capture_segments(fn: Callable[[], Any], stream: torch.cuda.Stream, split: bool = True
-                     ) -> tuple[list[torch.cuda.CUDAGraph], Any]:
-    """Capture `fn` on `stream` as consecutive graphs sharing one memory pool, a new one wherever it calls
-    `graph_boundary` (split False: one graph): (the graphs, to replay in this order; fn's output). What one graph
-    leaves in the pool for the next stays put: they are replayed in capture order, on one stream."""
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    graphs: list[torch.cuda.CUDAGraph] = []
-    with torch.cuda.stream(stream):
-        graphs.append(_begin())
-        _capturing.segments = graphs if split else None
-        try:
-            out = fn()
-        finally:
-            _capturing.segments = None
-            graphs[-1].capture_end()
-    return graphs, out
 
 
 def _repeat(fn: Callable[[], Any], times: int) -> None:

@@ -38,7 +38,6 @@ from .fused import (
     placed_final_norm,
     projector_hidden,
     rows_rstd,
-    skinny_counters,
     skinny_first_inputs,
     skinny_layer_step,
     skinny_supported,
@@ -48,7 +47,6 @@ from .fused import (
     visual_inputs_chunk,
     visual_rows_chunk,
 )
-from .graphs import graph_boundary
 from .loss import fusable, linear_cross_entropy, logits_cross_entropy, shifted_targets
 from .naavit import SequenceLayout, build_layout, naavit_mask
 from .projector import LayerProjectors, MultiModalProjector, StackedLinear
@@ -633,8 +631,6 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
             chunk=fused.chunks, stream=stream,
             fn=fused.rows if rows else fused.visual,
         )  # each (B, Sv + T, h), or with `rows` a tuple (that, its visual rows' 1 / RMS (B, Sv))
-        if all(e is None for e in events):  # nothing on the side stream: a graph capture may start the next here
-            graph_boundary()
         if skinny_step:
             hidden = self._skinny_layers(hidden, inputs, events, attn_bias, key_cos, key_sin, eps, head_dim)
         else:
@@ -674,8 +670,7 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         if events[0] is not None:
             torch.cuda.current_stream().wait_event(events[0])
         inputs[0][:, -t:] = hidden
-        x_ln, row_sums, sums, counters = self._fused.first(hidden, layers[0].ln1, len(layers),
-                                                           skinny_counters(layers[0]))
+        x_ln, row_sums, sums = self._fused.first(hidden, layers[0].ln1, len(layers))
         for i, w in enumerate(layers):
             last = i + 1 == len(layers)
             if not last and events[i + 1] is not None:
@@ -684,7 +679,7 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
                 hidden, x_ln, row_sums, sums[i], inputs[i], None if last else inputs[i + 1][:, -t:], attn_bias, cos,
                 sin, w,
                 None if last else layers[i + 1].ln1, eps, head_dim, self._fused.rope_half, self._fused.pdl,
-                vis_rstd=rstd[i], kv_bias=None if kv_bias is None else kv_bias[i], counters=counters,
+                vis_rstd=rstd[i], kv_bias=None if kv_bias is None else kv_bias[i],
             )
         return hidden
 

@@ -25,8 +25,7 @@ import torch
 
 class Tiles(NamedTuple):
     """A kernel configuration: rows of W per program (block_n), the K step (block_k), pipeline depth, warps, and how
-    many programs share the K range of one output tile (split_k > 1: each stores its fp32 partial sum and counts
-    itself in at the tile's counter; the last to arrive adds the partials up in order and runs the epilogue)."""
+    many programs share the K range of one output tile (split_k > 1: fp32 atomic adds into a zeroed buffer)."""
 
     block_n: int = 32
     block_k: int = 128
@@ -96,38 +95,6 @@ def kernels():
                                   is_pure=False, pack=1)
 
     @triton.jit
-    def _split_arrive(count_ptr, SPLIT_K: tl.constexpr):
-        """Count this program in at its output tile's counter, once its partial sums are stored: whether it is the
-        last of the tile's SPLIT_K programs (which then sets the counter back to 0 for the next launch)."""
-        tl.debug_barrier()  # every thread's share of the partials is written before the count says so
-        last = tl.atomic_add(count_ptr + tl.program_id(0), 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1
-        if last:
-            tl.store(count_ptr + tl.program_id(0), 0)
-        return last
-
-    @triton.jit
-    def _split_sum(ptrs, rows, step, like, SPLIT_K: tl.constexpr):
-        """The SPLIT_K fp32 partials at ptrs, ptrs + step, ... (shaped like `like`) summed in that order: the same
-        bits whatever order their programs finished in. Read from L2 (.cg): other programs wrote them."""
-        total = tl.zeros_like(like)
-        for s in tl.static_range(SPLIT_K):
-            total += tl.load(ptrs + s * step, mask=rows, other=0.0, cache_modifier=".cg")
-        return total
-
-    @triton.jit
-    def _split_total(acc, ws_ptr, count_ptr, offs_m, offs_n, rows, M, N, SPLIT_K: tl.constexpr):
-        """Split-K without atomics on the sums: this program's fp32 partial goes to its slice of the (SPLIT_K, M, N)
-        workspace; the last of the tile's programs to arrive gets (all partials summed, True), the others
-        (acc, False)."""
-        ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
-        tl.store(ptrs + tl.program_id(1) * M * N, acc, mask=rows)
-        last = _split_arrive(count_ptr, SPLIT_K)
-        total = acc
-        if last:
-            total = _split_sum(ptrs, rows, M * N, acc, SPLIT_K)
-        return total, last
-
-    @triton.jit
     def dependent_start():
         """Programmatic dependent launch: wait until the kernel before has finished and its writes are visible,
         then let the kernel after launch (its programs take SMs as ours leave them, and wait in turn)."""
@@ -135,7 +102,7 @@ def kernels():
         tl.extra.cuda.gdc_launch_dependents()
 
     @triton.jit
-    def linear_kernel(x_ptr, w_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+    def linear_kernel(x_ptr, w_ptr, y_ptr, M, K, stride_xm, stride_wn, stride_ym,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                       PDL: tl.constexpr, PREFETCH: tl.constexpr):
         span = K // SPLIT_K
@@ -150,9 +117,7 @@ def kernels():
         if SPLIT_K == 1:
             tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=rows)
         else:
-            acc, last = _split_total(acc, ws_ptr, count_ptr, offs_m, offs_n, rows, M, N, SPLIT_K)
-            if last:
-                tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=rows)
+            tl.atomic_add(y_ptrs, acc, mask=rows, sem="relaxed")
 
     @triton.jit
     def _rstd(ss_ptr, offs_m, rows, inv_n, eps):
@@ -160,8 +125,29 @@ def kernels():
         return tl.where(rows, tl.rsqrt(tl.load(ss_ptr + offs_m, mask=rows, other=0.0) * inv_n + eps), 1.0)
 
     @triton.jit
-    def _gate_up_epilogue(gate, up, y_ptr, ss_ptr, offs_m, offs_n, rows, M, K, stride_ym, eps, SCALE: tl.constexpr):
-        """gate_up's output from its tile's full gate and up products."""
+    def gate_up_kernel(x_ptr, wg_ptr, wu_ptr, y_ptr, ss_ptr, M, K, stride_xm, stride_wn, stride_ym, eps,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE: tl.constexpr,
+                       PDL: tl.constexpr, PREFETCH: tl.constexpr):
+        if PDL:
+            if PREFETCH > 0:
+                _prefetch_rows(wg_ptr, 0, stride_wn, BLOCK_N, PREFETCH)
+                _prefetch_rows(wu_ptr, 0, stride_wn, BLOCK_N, PREFETCH)
+            dependent_start()
+        pid_n = tl.program_id(0)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        rows = offs_m[:, None] < M
+        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
+        w_off = offs_n[:, None] * stride_wn + offs_k[None, :]
+        gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for _ in range(0, K, BLOCK_K):
+            x = tl.load(x_ptrs, mask=rows, other=0.0)
+            gate = tl.dot(x, tl.trans(tl.load(wg_ptr + w_off)), gate)
+            up = tl.dot(x, tl.trans(tl.load(wu_ptr + w_off)), up)
+            x_ptrs += BLOCK_K
+            w_off += BLOCK_K
         if SCALE:  # x is the norm's weight times the rows, not yet divided by their RMS: do it here
             rstd = _rstd(ss_ptr, offs_m, offs_m < M, 1.0 / K, eps)[:, None]
             gate, up = gate * rstd, up * rstd
@@ -172,48 +158,16 @@ def kernels():
         tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], h.to(dtype), mask=rows)
 
     @triton.jit
-    def gate_up_kernel(x_ptr, wg_ptr, wu_ptr, y_ptr, ss_ptr, ws_ptr, count_ptr, M, N, K, stride_xm, stride_wn,
-                       stride_ym, eps, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       SPLIT_K: tl.constexpr, SCALE: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr):
-        span = K // SPLIT_K
-        k0 = tl.program_id(1) * span
+    def linear_residual_kernel(x_ptr, w_ptr, res_ptr, out_ptr, rows_ptr, ln_ptr, xln_ptr, ss_ptr, M, K, T,
+                               stride_xm, stride_wn, stride_rb, stride_rt, stride_ob, stride_ot, stride_wb, stride_wt,
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                               ROWS: tl.constexpr, LN: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr):
         if PDL:
             if PREFETCH > 0:
-                _prefetch_rows(wg_ptr, k0, stride_wn, BLOCK_N, PREFETCH)
-                _prefetch_rows(wu_ptr, k0, stride_wn, BLOCK_N, PREFETCH)
+                _prefetch_rows(w_ptr, 0, stride_wn, BLOCK_N, PREFETCH)
             dependent_start()
-        pid_n = tl.program_id(0)
-        offs_m = tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_k = k0 + tl.arange(0, BLOCK_K)
+        acc, offs_m, offs_n = _rows_dot(x_ptr, w_ptr, M, 0, K, stride_xm, stride_wn, BLOCK_M, BLOCK_N, BLOCK_K)
         rows = offs_m[:, None] < M
-        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
-        w_off = offs_n[:, None] * stride_wn + offs_k[None, :]
-        gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for _ in range(0, span, BLOCK_K):
-            x = tl.load(x_ptrs, mask=rows, other=0.0)
-            gate = tl.dot(x, tl.trans(tl.load(wg_ptr + w_off)), gate)
-            up = tl.dot(x, tl.trans(tl.load(wu_ptr + w_off)), up)
-            x_ptrs += BLOCK_K
-            w_off += BLOCK_K
-        if SPLIT_K > 1:  # (SPLIT_K, 2, M, N) workspace: each program's gate and up partials
-            ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
-            mine = ptrs + tl.program_id(1) * 2 * M * N
-            tl.store(mine, gate, mask=rows)
-            tl.store(mine + M * N, up, mask=rows)
-            if _split_arrive(count_ptr, SPLIT_K):
-                _gate_up_epilogue(_split_sum(ptrs, rows, 2 * M * N, gate, SPLIT_K),
-                                  _split_sum(ptrs + M * N, rows, 2 * M * N, up, SPLIT_K), y_ptr, ss_ptr, offs_m,
-                                  offs_n, rows, M, K, stride_ym, eps, SCALE)
-        else:
-            _gate_up_epilogue(gate, up, y_ptr, ss_ptr, offs_m, offs_n, rows, M, K, stride_ym, eps, SCALE)
-
-    @triton.jit
-    def _residual_epilogue(acc, offs_m, offs_n, rows, res_ptr, out_ptr, rows_ptr, ln_ptr, xln_ptr, ss_ptr, M, N, T,
-                           stride_rb, stride_rt, stride_ob, stride_ot, stride_wb, stride_wt, ROWS: tl.constexpr,
-                           LN: tl.constexpr):
-        """linear_residual's output from the full product `acc` of its tile."""
         # As the reference rounds: the product to the output dtype, then the residual add, rounded once more.
         dtype = out_ptr.dtype.element_ty
         b, t = offs_m[:, None] // T, offs_m[:, None] % T  # rows are (batch, text position)
@@ -226,31 +180,8 @@ def kernels():
         tl.atomic_add(ss_ptr + offs_m, tl.sum(h32 * h32, 1), mask=offs_m < M, sem="relaxed")  # this block's share
         if LN:  # the next norm's weight times the rows; the consumer divides by the RMS
             ln = tl.load(ln_ptr + offs_n).to(tl.float32)
-            tl.store(xln_ptr + offs_m[:, None] * N + offs_n[None, :], (h32 * ln[None, :]).to(dtype), mask=rows)
-
-    @triton.jit
-    def linear_residual_kernel(x_ptr, w_ptr, res_ptr, out_ptr, rows_ptr, ln_ptr, xln_ptr, ss_ptr, ws_ptr, count_ptr,
-                               M, N, K, T, stride_xm, stride_wn, stride_rb, stride_rt, stride_ob, stride_ot,
-                               stride_wb, stride_wt, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                               BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, ROWS: tl.constexpr, LN: tl.constexpr,
-                               PDL: tl.constexpr, PREFETCH: tl.constexpr):
-        span = K // SPLIT_K
-        if PDL:
-            if PREFETCH > 0:
-                _prefetch_rows(w_ptr, tl.program_id(1) * span, stride_wn, BLOCK_N, PREFETCH)
-            dependent_start()
-        acc, offs_m, offs_n = _rows_dot(x_ptr, w_ptr, M, tl.program_id(1) * span, span, stride_xm, stride_wn,
-                                        BLOCK_M, BLOCK_N, BLOCK_K)
-        rows = offs_m[:, None] < M
-        if SPLIT_K == 1:
-            _residual_epilogue(acc, offs_m, offs_n, rows, res_ptr, out_ptr, rows_ptr, ln_ptr, xln_ptr, ss_ptr, M, N,
-                               T, stride_rb, stride_rt, stride_ob, stride_ot, stride_wb, stride_wt, ROWS, LN)
-        else:
-            acc, last = _split_total(acc, ws_ptr, count_ptr, offs_m, offs_n, rows, M, N, SPLIT_K)
-            if last:
-                _residual_epilogue(acc, offs_m, offs_n, rows, res_ptr, out_ptr, rows_ptr, ln_ptr, xln_ptr, ss_ptr,
-                                   M, N, T, stride_rb, stride_rt, stride_ob, stride_ot, stride_wb, stride_wt, ROWS,
-                                   LN)
+            tl.store(xln_ptr + offs_m[:, None] * (tl.num_programs(0) * BLOCK_N) + offs_n[None, :],
+                     (h32 * ln[None, :]).to(dtype), mask=rows)
 
     return _Kernels(triton, linear_kernel, gate_up_kernel, linear_residual_kernel, _rstd, dependent_start)
 
@@ -322,63 +253,39 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
-def split_counters(n: int, tiles: Tiles, device: torch.device | str) -> torch.Tensor:
-    """Zeroed int32 counters for a split-K launch of `tiles` with N = n: one per output tile. A launch leaves them
-    zero again, so launches that run one after the other (on one stream) can share them."""
-    return torch.zeros(n // tiles.block_n, dtype=torch.int32, device=device)
-
-
-def _split_scratch(m: int, n: int, tiles: Tiles, like: torch.Tensor, counters: torch.Tensor | None, parts: int = 1
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the (split_k, parts, M, N) fp32 workspace of the partial sums, the tile counters) of a split-K launch; for
-    split_k 1, placeholders the kernel never reads."""
-    if tiles.split_k == 1:
-        return like, like
-    if counters is None:
-        counters = split_counters(n, tiles, like.device)
-    elif counters.dtype != torch.int32 or counters.numel() < n // tiles.block_n or not counters.is_contiguous() \
-            or counters.device != like.device:
-        raise ValueError(f"split-K counters must be contiguous int32 zeros on {like.device}, at least "
-                         f"{n // tiles.block_n} (N / block_n), got {counters.dtype} {tuple(counters.shape)} on "
-                         f"{counters.device} (make them with skinny.split_counters)")
-    return like.new_empty(tiles.split_k, parts, m, n, dtype=torch.float32), counters
-
-
 def linear(x: torch.Tensor, w: torch.Tensor, tiles: Tiles = DEFAULT, pdl: bool = False,
-           out: torch.Tensor | None = None, counters: torch.Tensor | None = None) -> torch.Tensor:
+           out: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., K) @ w (N, K)^T -> (..., N), without bias (check `supported` first). pdl: launched as a programmatic
     dependent of the kernel before (`_launch`; `pdl_supported`). out: an (M, N) tensor with contiguous rows (any
     row stride, e.g. the last rows of a larger buffer) to write the result into; returned as (..., N) when it is
-    contiguous, else as given. counters: for split_k > 1, `split_counters` (None: made here, one memset)."""
+    contiguous, else as given; not with split_k > 1."""
     triton, kernel = kernels().triton, kernels().linear
     x2 = _rows(x)
     m, k = x2.shape
     n = w.shape[0]
     block_m = max(16, triton.next_power_of_2(m))
+    split = tiles.split_k
     if out is not None:
-        if out.shape != (m, n) or out.stride(-1) != 1 or out.dtype != x.dtype:
-            raise ValueError(f"skinny.linear: out must be a ({m}, {n}) {x.dtype} tensor with contiguous rows, got "
-                             f"{out.dtype} {tuple(out.shape)} strides {out.stride()}")
+        if split > 1 or out.shape != (m, n) or out.stride(-1) != 1 or out.dtype != x.dtype:
+            raise ValueError(f"skinny.linear: out must be a ({m}, {n}) {x.dtype} tensor with contiguous rows and "
+                             f"split_k 1, got {out.dtype} {tuple(out.shape)} strides {out.stride()}, split_k {split}")
         y = out
     else:
-        y = x.new_empty(m, n)
-    ws, counters = _split_scratch(m, n, tiles, x, counters)
-    kernel[(n // tiles.block_n, tiles.split_k)](
-        x2, w, y, ws, counters, m, n, k, x2.stride(0), w.stride(0), y.stride(0),
-        BLOCK_M=block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, SPLIT_K=tiles.split_k,
-        **_launch(tiles, x, pdl),
+        y = torch.zeros(m, n, dtype=torch.float32, device=x.device) if split > 1 else x.new_empty(m, n)
+    kernel[(n // tiles.block_n, split)](
+        x2, w, y, m, k, x2.stride(0), w.stride(0), y.stride(0),
+        BLOCK_M=block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, SPLIT_K=split, **_launch(tiles, x, pdl),
     )
     if out is not None:
         return out.view(*x.shape[:-1], n) if out.is_contiguous() else out
-    return y.view(*x.shape[:-1], n)
+    return y.to(x.dtype).view(*x.shape[:-1], n) if split > 1 else y.view(*x.shape[:-1], n)
 
 
 def gate_up(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, tiles: Tiles = DEFAULT,
-            ss: torch.Tensor | None = None, eps: float = 0.0, pdl: bool = False,
-            counters: torch.Tensor | None = None) -> torch.Tensor:
-    """SiLU(x wg^T) * (x wu^T), (..., K) -> (..., N), in one kernel. ss: the partial sums of squares
-    `linear_residual` returned with x = its rows times the norm's weight: x is then divided by the rows' RMS (eps
-    as the norm's) first, so the norm costs no kernel of its own. pdl, counters: as `linear`'s."""
+            ss: torch.Tensor | None = None, eps: float = 0.0, pdl: bool = False) -> torch.Tensor:
+    """SiLU(x wg^T) * (x wu^T), (..., K) -> (..., N), in one kernel (split_k is ignored). ss: the partial sums of
+    squares `linear_residual` returned with x = its rows times the norm's weight: x is then divided by the rows'
+    RMS (eps as the norm's) first, so the norm costs no kernel of its own. pdl: as `linear`'s."""
     triton, kernel = kernels().triton, kernels().gate_up
     x2 = _rows(x)
     m, k = x2.shape
@@ -386,11 +293,10 @@ def gate_up(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, tiles: Tiles = 
     y = x.new_empty(m, n)
     if ss is not None:
         check_sums(ss, m)
-    ws, counters = _split_scratch(m, n, tiles, x, counters, parts=2)  # gate's and up's partials
-    kernel[(n // tiles.block_n, tiles.split_k)](
-        x2, wg, wu, y, y if ss is None else ss, ws, counters, m, n, k, x2.stride(0), wg.stride(0), y.stride(0), eps,
+    kernel[(n // tiles.block_n,)](
+        x2, wg, wu, y, y if ss is None else ss, m, k, x2.stride(0), wg.stride(0), y.stride(0), eps,
         BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
-        SPLIT_K=tiles.split_k, SCALE=ss is not None, **_launch(tiles, x, pdl),
+        SCALE=ss is not None, **_launch(tiles, x, pdl),
     )
     return y.view(*x.shape[:-1], n)
 
@@ -411,7 +317,6 @@ def linear_residual(
     sums: torch.Tensor | None = None,  # (B*T,) fp32 zeros to add the sums of squares into
     tiles: Tiles = DEFAULT,
     pdl: bool = False,
-    counters: torch.Tensor | None = None,  # split_k > 1: `split_counters` (None: made here)
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """h = residual + x w^T, rounded as the reference rounds (product, then sum), and what the next RMSNorm needs
     without a kernel of its own: (h (B, T, N), h * ln (B, T, N) or None, the sums of h^2 per row (B*T,) fp32).
@@ -438,13 +343,12 @@ def linear_residual(
     check_sums(sums, m)
     ss = sums
     dest = rows_out if rows_out is not None else out
-    ws, counters = _split_scratch(m, n, tiles, x, counters)
-    kernel[(n // tiles.block_n, tiles.split_k)](
-        x2, w, residual, out, dest, out if ln is None else ln, out if xln is None else xln, ss, ws, counters, m, n, k,
-        t, x2.stride(0), w.stride(0), residual.stride(0), residual.stride(1), out.stride(0), out.stride(1),
+    kernel[(n // tiles.block_n,)](
+        x2, w, residual, out, dest, out if ln is None else ln, out if xln is None else xln, ss, m, k, t,
+        x2.stride(0), w.stride(0), residual.stride(0), residual.stride(1), out.stride(0), out.stride(1),
         dest.stride(0), dest.stride(1),
         BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
-        SPLIT_K=tiles.split_k, ROWS=rows_out is not None, LN=ln is not None, **_launch(tiles, x, pdl),
+        ROWS=rows_out is not None, LN=ln is not None, **_launch(tiles, x, pdl),
     )
     return out, xln, ss
 
