@@ -378,6 +378,23 @@ def test_graphed_skinny_step_matches_compiled_and_reference(chunk, overlap):
         assert _rel(outs[name], outs["compiled"]) < 2e-2
 
 
+def test_rows_rstd_matches_the_compiled_one():
+    """skinny.rows_rstd (a few programs of whole rows, to run beside the k/v GEMM) equals fused.rows_rstd on one
+    layer's strided visual rows in bf16, and refuses a width that is not a power of two."""
+    from saisa.model.fused import rows_rstd
+
+    torch.manual_seed(7)
+    v, t, h = 37, 5, 512
+    rows = torch.randn(1, v + t, h, device="cuda", dtype=torch.bfloat16) * 3
+    b2 = torch.randn(h, device="cuda", dtype=torch.bfloat16)
+    out = torch.full((v,), -1.0, device="cuda")
+    got = skinny.rows_rstd(rows[0, :v], b2, 1e-5, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    assert_close(got, rows_rstd(rows[:, :v], b2[None], 1e-5)[0], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="power-of-two width"):
+        skinny.rows_rstd(rows[0, :v, :384], b2[:384], 1e-5, out=out)
+
+
 def test_pdl_kernels_match_serial_launches():
     """skinny's GEMMs and text_attention launched as programmatic dependents (weight lines prefetched before the
     wait) compute what they compute launched in turn, back to back in one CUDA graph where each reads the one

@@ -170,6 +170,7 @@ def skinny_layer_step(
     prefetch: int = skinny.PREFETCH,
     vis_rstd: torch.Tensor | None = None,
     kv_bias: torch.Tensor | None = None,
+    beside: tuple[Callable, Callable] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """`text_layer_step`'s function in six kernels, none of them a norm (check `skinny_supported`): the RMSNorms'
     division by each row's RMS is deferred to the kernels that read their output. A row's RMS is a scalar, so it
@@ -186,10 +187,17 @@ def skinny_layer_step(
     do not depend on the kernel before) and wait for its writes.
 
     vis_rstd, kv_bias: `inputs`' visual rows are `visual_rows_chunk`'s (before linear_2's bias and the norm's
-    division); attention adds their k/v bias and divides (text_attention's arguments of those names)."""
+    division); attention adds their k/v bias and divides (text_attention's arguments of those names).
+
+    beside: (fork, join), called after q_proj's launch and after the k/v GEMM's: work for a side stream that runs
+    beside the k/v GEMM and that attention waits for (modeling's rows' 1 / RMS)."""
     residual, gate_up = skinny.RESIDUAL._replace(prefetch=prefetch), skinny.GATE_UP._replace(prefetch=prefetch)
     q = skinny.linear(x_ln, w.wq, residual, pdl=True) if pdl else F.linear(x_ln, w.wq)
+    if beside is not None:
+        beside[0]()
     kv = F.linear(inputs, w.wkv)  # (B, Sv + T, 2k)
+    if beside is not None:
+        beside[1]()
     attn = text_attention.text_attention(q, kv, cos, sin, attn_bias, head_dim, half_table=rope_half,
                                          row_sums=row_sums, row_dim=hidden.shape[-1], eps=eps, pdl=pdl,
                                          vis_rstd=vis_rstd, kv_bias=kv_bias)
@@ -331,7 +339,7 @@ def visual_rows_chunk(
     eps: float,
     text_len: int = 0,
     hidden: Callable = projector_hidden,
-    row_rstd: Callable = rows_rstd,
+    row_rstd: Callable | None = rows_rstd,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`visual_inputs_chunk` for one sample with one image, per-layer MLPs with a linear_2 bias, as
     `skinny_layer_step` reads it: linear_2's GEMM writes its output, before the bias, straight into each layer's
@@ -339,7 +347,8 @@ def visual_rows_chunk(
     with the bias (c, 1, v) fp32 is computed from them. Attention adds W_kv b2 to those rows' keys and values and
     divides by the RMS (text_attention's kv_bias, vis_rstd), so the normalised copy of the rows, a (c, v, h) pass
     read and written, is never made. Takes `visual_inputs_chunk`'s arguments. hidden, row_rstd: `projector_hidden`
-    and `rows_rstd`, or their compiled forms."""
+    and `rows_rstd`, or their compiled forms; row_rstd None: the 1 / RMS buffer is returned unfilled, for the
+    caller to fill layer by layer (skinny.rows_rstd)."""
     if features.shape[0] != 1 or slots.shape != (1, 1) or w1.shape[0] != layers:
         raise ValueError(f"visual_rows_chunk serves one image in one sample's one slot with one MLP per layer; got "
                          f"{features.shape[0]} images, slots {tuple(slots.shape)}, {w1.shape[0]} MLPs for {layers} "
@@ -348,6 +357,8 @@ def visual_rows_chunk(
     c, v, h = a.shape
     rows = a.new_empty(c, 1, v + text_len, h)
     torch.bmm(a, w2.transpose(1, 2), out=rows[:, 0, :v])  # cuBLAS writes the strided rows in place
+    if row_rstd is None:
+        return rows, rows.new_empty(c, 1, v, dtype=torch.float32)
     return rows, row_rstd(rows[:, 0, :v], b2, eps).unsqueeze(1)
 
 

@@ -11,7 +11,8 @@ one before's leave the SMs, send their first weight lines to L2 and wait for its
 `linear` with an epilogue that makes the next RMSNorm free: the residual add, the rows times the norm's weight,
 the rows' sums of squares (fp32 atomics); `gate_up` then divides by the RMS (fused.skinny_layer_step). At o_proj
 it took 15.8 us against 16.7 for cuBLAS + the add and norm, at down_proj 39.7 against 40.0
-(skinny-residual-coresident-h100-t64.json, "residual"). Triton is imported lazily: the
+(skinny-residual-coresident-h100-t64.json, "residual"). Beside them, `rows_rstd`: a row norm in a few programs,
+to run next to a GEMM on the SMs it leaves free (modeling's visual rows). Triton is imported lazily: the
 functions exist on every machine, and `supported` says when they can run (CUDA, Triton, shapes that tile).
 """
 
@@ -183,7 +184,21 @@ def kernels():
             tl.store(xln_ptr + offs_m[:, None] * (tl.num_programs(0) * BLOCK_N) + offs_n[None, :],
                      (h32 * ln[None, :]).to(dtype), mask=rows)
 
-    return _Kernels(triton, linear_kernel, gate_up_kernel, linear_residual_kernel, _rstd, dependent_start)
+    @triton.jit
+    def rows_rstd_kernel(x_ptr, b_ptr, out_ptr, R, stride_x, eps, H: tl.constexpr, BLOCK_R: tl.constexpr):
+        """1 / RMS of (x + b) rounded to x's dtype, per row, as fused.rows_rstd: few programs, each a row block of
+        whole rows at a time, strided over the rows."""
+        offs_h = tl.arange(0, H)
+        b = tl.load(b_ptr + offs_h).to(tl.float32)
+        for r0 in range(tl.program_id(0) * BLOCK_R, R, tl.num_programs(0) * BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            rmask = offs_r < R
+            x = tl.load(x_ptr + offs_r[:, None] * stride_x + offs_h[None, :], mask=rmask[:, None], other=0.0)
+            v = (x.to(tl.float32) + b[None, :]).to(x.dtype).to(tl.float32)
+            tl.store(out_ptr + offs_r, tl.rsqrt(tl.sum(v * v, 1) / H + eps), mask=rmask)
+
+    return _Kernels(triton, linear_kernel, gate_up_kernel, linear_residual_kernel, _rstd, dependent_start,
+                    rows_rstd_kernel)
 
 
 class _Kernels(NamedTuple):
@@ -193,6 +208,7 @@ class _Kernels(NamedTuple):
     linear_residual: object
     rstd: object  # @triton.jit helpers other kernels call (text_attention's)
     dependent_start: object
+    rows_rstd: object
 
 
 def pdl_supported(device: torch.device) -> bool:
@@ -363,3 +379,17 @@ def gate_up_op(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor) -> torch.Ten
 @gate_up_op.register_fake
 def _(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], wg.shape[0])
+
+
+def rows_rstd(rows: torch.Tensor, b: torch.Tensor, eps: float, out: torch.Tensor, programs: int = 16,
+              block_r: int = 4) -> torch.Tensor:
+    """1 / RMS of rows + b per row, as fused.rows_rstd, for one layer's (R, H) rows (contiguous rows, any row
+    stride; H a power of two) in `programs` programs of whole rows, so that it fits beside a GEMM that leaves a few
+    SMs free: into out (R,) fp32, returned."""
+    r, h = rows.shape
+    if rows.stride(-1) != 1 or h & (h - 1) or b.shape != (h,) or out.shape != (r,) or out.dtype != torch.float32:
+        raise ValueError(f"skinny.rows_rstd: rows {tuple(rows.shape)} (contiguous rows, a power-of-two width), b "
+                         f"{tuple(b.shape)} and out {out.dtype} {tuple(out.shape)} do not fit: expected b (H,), "
+                         "out (R,) fp32")
+    kernels().rows_rstd[(programs,)](rows, b, out, r, rows.stride(0), eps, H=h, BLOCK_R=block_r, num_warps=8)
+    return out
