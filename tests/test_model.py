@@ -460,8 +460,9 @@ def test_visual_rows_before_bias_and_norm_give_the_unit_rows():
     assert_close(projected, ref[:, 0, :v] @ wkv.transpose(1, 2), atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="one image in one sample"):
         visual_rows_chunk(feats.expand(2, -1, -1), torch.zeros(1, 2, dtype=torch.long), w1, b1, w2, b2, c, eps)
+    # row_rstd None: the same rows, and a buffer for the 1 / RMS that the caller fills layer by layer.
     later, room = visual_rows_chunk(feats, slots, w1, b1, w2, b2, c, eps, text_len=t, row_rstd=None)
-    assert torch.equal(later[:, :, :v], rows[:, :, :v]) and room.shape == rstd.shape and room.dtype == torch.float32  # filled later
+    assert torch.equal(later[:, :, :v], rows[:, :, :v]) and room.shape == rstd.shape and room.dtype == torch.float32
 
 
 def _left_padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
