@@ -15,10 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from probe_w2_gap import _marked
 
 from saisa.model import skinny
 from saisa.model.graphs import preferred_blas
@@ -38,19 +42,32 @@ def graph_of(body, n: int):
     return g, first
 
 
-def launch_cost(g, first, reps: int = 50) -> dict:
+def launch_cost(call, first, reps: int = 50) -> dict:
+    """Medians over `reps` calls (after 3), each after a synchronize as the bench times: the host time of `call()`
+    and the GPU time from an event recorded just before it to `first` (an event captured as a graph's first node)."""
     start = torch.cuda.Event(enable_timing=True)
     host, delay = [], []
     for _ in range(reps + 3):
         torch.cuda.synchronize()
         start.record()
         t0 = time.perf_counter()
-        g.replay()
+        call()
         t1 = time.perf_counter()
         torch.cuda.synchronize()
         host.append((t1 - t0) * 1e6)
         delay.append(start.elapsed_time(first) * 1e3)
     return {"host_us": round(statistics.median(host[3:]), 1), "to_first_node_us": round(statistics.median(delay[3:]), 1)}
+
+
+def host_us(call, reps: int = 50) -> float:
+    """Median host time of `call()` over `reps` calls (after 3), each after a synchronize."""
+    times = []
+    for _ in range(reps + 3):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - t0) * 1e6)
+    return round(statistics.median(times[3:]), 1)
 
 
 def main() -> None:
@@ -60,7 +77,7 @@ def main() -> None:
     args = ap.parse_args()
     x = torch.zeros(64, 256, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(256, 256, device="cuda", dtype=torch.bfloat16)
-    out: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "graphs": {}}
+    out: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     y = torch.zeros_like(x)
     bodies = {"aten add_": lambda: x.add_(1.0), "skinny.linear": lambda: skinny.linear(x, w, skinny.RESIDUAL)}
     if skinny.pdl_supported(x.device):
@@ -95,7 +112,7 @@ def main() -> None:
         for name, body in bodies.items():
             for n in sizes.get(name, (1, 16, 64, 240)):
                 g, first = graph_of(body, n)
-                rows[f"{name} x{n}"] = row = launch_cost(g, first)
+                rows[f"{name} x{n}"] = row = launch_cost(g.replay, first)
                 print(f"{name:<34} x{n:<4} host {row['host_us']:7.1f} us  to first node "
                       f"{row['to_first_node_us']:7.1f} us", flush=True)
                 del g
@@ -116,56 +133,26 @@ def prefill() -> dict:
     model = build_ours(setting, "saisa", torch.device("cuda"))
     s = make_inputs(setting, 1, 64, torch.device("cuda"))[0]
     model.optimize_for_inference(compile=True, dynamic=False, **SAISA_SCHEDULES["serial"])
-    first = torch.cuda.Event(enable_timing=True, external=True)
-    forward = type(model).forward_with_layout.__get__(model)
-
-    def marked(*a, **k):
-        first.record()
-        return forward(*a, **k)
-    model.forward_with_layout = marked
+    marks = [torch.cuda.Event(enable_timing=True, external=True) for _ in range(2)]  # the forward's first, last
+    model.forward_with_layout = _marked(type(model).forward_with_layout.__get__(model), marks, 0, 1)
     with torch.no_grad():
         graphed = GraphedForward(model, s.ids, None, s.features, logits_to_keep=1)
     model.__dict__.pop("forward_with_layout")
-    graph = graphed.graph
-    res = {"replay": launch_cost(graph, first)}
-    start = torch.cuda.Event(enable_timing=True)
-    host, delay = [], []
-    for _ in range(53):
-        torch.cuda.synchronize()
-        start.record()
-        t0 = time.perf_counter()
-        graphed(s.features)
-        host.append((time.perf_counter() - t0) * 1e6)
-        torch.cuda.synchronize()
-        delay.append(start.elapsed_time(first) * 1e3)
-    res["bench_call"] = {"host_us": round(statistics.median(host[3:]), 1),
-                         "to_first_node_us": round(statistics.median(delay[3:]), 1)}
-    # The input copy before the replay, alone and in other forms (same bytes into the static buffer).
+    graph, first = graphed.graph, marks[0]
+    res = {"replay": launch_cost(graph.replay, first), "bench_call": launch_cost(lambda: graphed(s.features), first)}
+    # The input copy before the replay, alone and in other forms (same bytes into the static buffer). The committed
+    # graph-launch-h100.json labels the flat-view copy_ "clone-free index_copy_".
     src, static = s.features, graphed.image_features
     copies = {
         "copy_ (GraphedForward's)": lambda: static.copy_(src, non_blocking=True),
         "copy_ blocking": lambda: static.copy_(src),
         "mul.out (an elementwise kernel)": lambda: torch.mul(src, 1, out=static),
-        "clone-free index_copy_": lambda: static.view(-1).copy_(src.view(-1), non_blocking=True),
+        "copy_ of flat views": lambda: static.view(-1).copy_(src.view(-1), non_blocking=True),
     }
     for name, copy in copies.items():
-        host_c, host_both, delay_both = [], [], []
-        for _ in range(53):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            copy()
-            host_c.append((time.perf_counter() - t0) * 1e6)
-            torch.cuda.synchronize()
-            start.record()
-            t0 = time.perf_counter()
-            copy()
-            graph.replay()
-            host_both.append((time.perf_counter() - t0) * 1e6)
-            torch.cuda.synchronize()
-            delay_both.append(start.elapsed_time(first) * 1e3)
-        res[name] = {"copy_host_us": round(statistics.median(host_c[3:]), 1),
-                     "with_replay_host_us": round(statistics.median(host_both[3:]), 1),
-                     "to_first_node_us": round(statistics.median(delay_both[3:]), 1)}
+        both = launch_cost(lambda c=copy: (c(), graph.replay()), first)
+        res[name] = {"copy_host_us": host_us(copy), "with_replay_host_us": both["host_us"],
+                     "to_first_node_us": both["to_first_node_us"]}
     print("prefill", json.dumps(res, indent=1), flush=True)
     return res
 

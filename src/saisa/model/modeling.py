@@ -106,6 +106,7 @@ class FusedPath:
     rows: Callable | None = None  # fused.visual_rows_chunk with compiled parts (per-layer MLPs with a linear_2 bias)
     kv_bias: torch.Tensor | None = None  # (n, 2k) fp32: each layer's folded W_kv times its MLP's linear_2 bias
     b2: torch.Tensor | None = None  # (n, h): the MLPs' linear_2 biases, for the rows' 1 / RMS (_skinny_layers)
+    rstd_stream: torch.cuda.Stream | None = None  # low priority: where the rows' 1 / RMS is made (_skinny_layers)
 
 
 class SaisaPreTrainedModel(PreTrainedModel):
@@ -157,7 +158,6 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         # Inference-only speed-ups of the saisa visual path (visual_kv.py); none changes the function computed.
         self._folded_kv: FoldedKV | None = None
         self._visual_stream: torch.cuda.Stream | None = None
-        self._rstd_stream: torch.cuda.Stream | None = None  # low priority: the visual rows' 1 / RMS (_skinny_layers)
         self.visual_kv_chunk: int | None = None  # layers per batched chunk; None = all layers at once
         self._fused: FusedPath | None = None
         self.post_init()
@@ -321,7 +321,7 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
                     row_rstd=None)  # made per layer beside its k/v GEMM (_skinny_layers)
                 self._fused.b2 = b2
                 device = self.get_input_embeddings().weight.device
-                self._rstd_stream = torch.cuda.Stream(device, priority=0) if device.type == "cuda" else None
+                self._fused.rstd_stream = torch.cuda.Stream(device, priority=0) if device.type == "cuda" else None
                 self._fused.kv_bias = torch.stack([wkv.float() @ b.float() for wkv, b in zip(folded.weight, b2)])
             norm = self.language_model.model.norm
             if type(norm).__name__ in RMS_NORMS:  # transformers' Llama-form RMSNorm: weight * normalised
@@ -681,7 +681,7 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         x_ln, row_sums, sums = self._fused.first(hidden, layers[0].ln1, len(layers))
         beside: list = [None] * len(layers)
         if rstd[0] is not None:  # rstd[i]: (1, Sv) buffers, filled per layer
-            side, v = self._rstd_stream, rstd[0].shape[-1]
+            side, v = self._fused.rstd_stream, rstd[0].shape[-1]
 
             def fork(i: int) -> None:
                 side.wait_stream(torch.cuda.current_stream())
