@@ -6,7 +6,9 @@ schema, the statuses and the cross-system logits checks do.
 
 from __future__ import annotations
 
+import datetime
 import json
+import os
 import time
 from dataclasses import replace
 
@@ -296,3 +298,56 @@ def test_suite_on_cuda_tiny():
     for name, check in r["checks"].items():
         assert check["pass"], (name, check)
     assert all("peak_mb" in e for e in r["entries"] if e["status"] == "ok")
+
+
+# ----------------------------------------------------------------------------------------------------- power trace
+def test_power_parse_reads_nvidia_smi_lines_and_rejects_others():
+    from saisa.bench import power
+
+    s = power.parse("2026/11/22 10:50:23.972, 1650, 692.45, 58, 0x0000000000000004")
+    assert (s.sm_mhz, s.watts, s.celsius, s.reasons) == (1650.0, 692.45, 58.0, 4)
+    assert abs(s.t - datetime.datetime(2026, 11, 22, 10, 50, 23, 972000).timestamp()) < 1e-6
+    assert power.parse("timestamp, clocks.current.sm [MHz], power.draw [W], temperature.gpu, reasons") is None
+    assert power.parse("2026/11/22 10:50:23.972, [N/A], 692.45, 58, 0x4") is None
+    assert power.parse("") is None
+
+
+def test_power_summary_names_the_clock_reasons():
+    from saisa.bench import power
+
+    samples = [power.Sample(float(i), mhz, w, 60.0, r) for i, (mhz, w, r) in
+               enumerate([(1980, 640.0, 0x0), (1650, 699.0, 0x4), (1410, 701.0, 0x4 | 0x100)])]
+    got = power.summarize(samples)
+    assert got["sm_mhz"] == 1650 and got["sm_mhz_range"] == [1410, 1980] and got["watts_max"] == 701.0
+    assert got["clock_reasons"] == ["sw power cap", "0x100"]
+    assert power.summarize([]) is None
+
+
+def test_power_trace_samples_a_running_nvidia_smi_and_windows_by_its_timestamps(tmp_path, monkeypatch):
+    from saisa.bench import power
+
+    fake = tmp_path / "nvidia-smi"  # prints three samples a second apart, stamped now - 2, now - 1, now
+    fake.write_text("#!/usr/bin/env python3\nimport datetime, sys, time\n"
+                    "now = datetime.datetime.now()\n"
+                    "for k, mhz in ((2, 1980), (1, 1650), (0, 1410)):\n"
+                    "    t = now - datetime.timedelta(seconds=k)\n"
+                    "    print(t.strftime('%Y/%m/%d %H:%M:%S.%f')[:-3] + f', {mhz}, 650.5, 60, 0x4', flush=True)\n"
+                    "time.sleep(30)\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    with power.PowerTrace(0, period_ms=50) as trace:
+        time.sleep(1.0)
+        now = time.time()
+    assert len(trace.samples) == 3
+    last = trace.window(now - 2.5, now + 1)  # stamped about now - 3, now - 2, now - 1: the last two
+    assert last["samples"] == 2 and last["sm_mhz_range"] == [1410, 1650] and last["clock_reasons"] == ["sw power cap"]
+    assert trace.window(now + 5, now + 6) is None
+
+
+def test_power_trace_without_nvidia_smi_is_empty(monkeypatch):
+    from saisa.bench import power
+
+    monkeypatch.setattr(power.shutil, "which", lambda name: None)
+    with power.PowerTrace() as trace:
+        pass
+    assert trace.samples == [] and trace.window(0, time.time()) is None
