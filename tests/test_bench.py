@@ -300,6 +300,19 @@ def test_suite_on_cuda_tiny():
     assert all("peak_mb" in e for e in r["entries"] if e["status"] == "ok")
 
 
+def test_report_shows_the_clock_and_power_of_each_timed_prefill(results):
+    assert "SM clock and board power" not in "\n".join(report.render_results(results))  # CPU: no trace, no table
+    entries = [dict(e) for e in results["entries"]]
+    prefill = [e for e in entries if e["section"] == "prefill" and e["status"] == "ok" and e["batch"] == 1]
+    prefill[0]["power"] = {"samples": 7, "sm_mhz": 1725.0, "sm_mhz_range": [1605.0, 1800.0], "watts": 693.0,
+                           "watts_max": 701.0, "celsius": 58.0, "clock_reasons": ["sw power cap"]}
+    md = "\n".join(report.render_results({**results, "entries": entries}))
+    e = prefill[0]
+    assert (f"| {e['system']} | {e['text_tokens']} | {e['median_ms']:.3f} | 1725 | 1605-1800 | 693 | sw power cap | 7 |"
+            in md)
+    assert md.count("| sw power cap |") == 1  # only the entry that has a power window
+
+
 # ----------------------------------------------------------------------------------------------------- power trace
 def test_power_parse_reads_nvidia_smi_lines_and_rejects_others():
     from saisa.bench import power

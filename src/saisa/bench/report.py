@@ -351,6 +351,21 @@ def _train_section(results) -> list[str]:
     return lines
 
 
+def _power_section(results) -> list[str]:
+    """The SM clock and board power nvidia-smi sampled while each batch-1 prefill was timed (suite's `power`)."""
+    rows = [[e["system"], str(e["text_tokens"]), _fmt(e["median_ms"], 3), f"{p['sm_mhz']:.0f}",
+             "-".join(f"{v:.0f}" for v in p["sm_mhz_range"]), f"{p['watts']:.0f}", ", ".join(p["clock_reasons"]) or "-",
+             str(p["samples"])]
+            for e in _ok(results, "prefill", batch=1) if (p := e.get("power"))]
+    if not rows:
+        return []
+    return ["### SM clock and board power while timed (prefill, batch 1)", "",
+            ("nvidia-smi sampled every 50 ms during each entry's timed calls (medians; its power reading trails short "
+             "windows). An H100 SXM lowers its SM clock at the 700 W board limit (\"sw power cap\")."), "",
+            *_md_table(["system", "t", "median ms", "SM MHz", "SM MHz range", "W", "clock reasons", "samples"], rows,
+                       text_columns=1), ""]
+
+
 def plot_prefill(results: dict[str, Any], path: str | Path) -> Path | None:
     """Prefill latency vs text tokens for every system, with the paper's Table 6 points (matplotlib, Agg)."""
     import matplotlib
@@ -412,6 +427,7 @@ def render_results(results: dict[str, Any], plot: str | None = None) -> list[str
     ts = setting.get("text_tokens", [])
     lines += _latency_section(results, "prefill", [(1, t) for t in ts], lambda b, t: f"t={t}")
     lines += _paper_section(results)
+    lines += _power_section(results)
     if plot:
         lines += [f"![prefill latency vs text tokens]({plot})", ""]
     lines += _latency_section(results, "ttft", [(1, t) for t in ts], lambda b, t: f"t={t}")

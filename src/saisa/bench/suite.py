@@ -8,10 +8,14 @@ Unusual here:
 - Each entry runs under its own OOM guard and frees its inputs, caches and graphs before the next; a time budget
   turns entries past it into "skipped", so a device call always ends with results. Decode times all systems in
   rounds, so a slow spell of the host falls on all of them alike.
+- On CUDA nvidia-smi samples the GPU while the inference sections run, and each prefill, ttft and throughput entry
+  gets the SM clock and board power of its timed window (`power`, saisa.bench.power): an H100 at its 700 W limit
+  lowers the clock, so one graph times slower the longer the GPU has been busy.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -26,6 +30,7 @@ from saisa.model.loss import fusable
 from saisa.model.visual_grad import supports_visual_function
 from saisa.train.graphed import GraphedTrainStep
 
+from .power import PowerTrace
 from .setting import (
     Repeats,
     Setting,
@@ -64,6 +69,7 @@ class Suite:
     entries: list[dict[str, Any]] = field(default_factory=list)
     systems: dict[str, System] = field(default_factory=dict)
     logits: dict[str, torch.Tensor] = field(default_factory=dict)  # last-position prefill logits, first shape
+    windows: list[tuple[dict[str, Any], float, float]] = field(default_factory=list)  # (entry, time.time() span)
     _t0: float = field(default_factory=time.perf_counter)
 
     @property
@@ -122,7 +128,9 @@ class Suite:
                 system.prepare(batch, t, sets)
                 fn = system.ttft if section == "ttft" else system.prefill
                 repeats = self.reps.throughput_repeats if section == "throughput" else self.reps.repeats
+                started = time.time()
                 timing = time_fn(lambda i: fn(), self.device, warmup=self.reps.warmup, repeats=repeats)
+                self.windows.append((entry, started, time.time()))
                 if section == "prefill" and (batch, t) == (1, s.text_tokens[0]):
                     system._k = 0  # the first input set, for the cross-system check
                     self.logits[system.name] = system.prefill()[:, -1].float().clone()
@@ -374,16 +382,21 @@ def run_suite(
         "throughput": [(b, setting.throughput_text_tokens) for b in setting.throughput_batches],
         "decode": [(setting.decode_batch, setting.decode_text_tokens)],
     }
-    for section in inference:
-        if section == "decode":  # all systems in rounds, see Suite.decode_interleaved
-            for batch, t in shapes[section]:
-                suite.decode_interleaved([sys_ for sys_ in suite.systems.values() if sys_.decodes], batch, t)
-            continue
-        for name, system in suite.systems.items():
-            for batch, t in shapes[section]:
-                if name == "hf_llava_compile" and (section != "prefill" or t != setting.text_tokens[0]):
-                    continue  # each shape is a fresh compile of minutes: one shape only
-                suite.inference(section, system, batch, t)
+    gpu = torch.cuda.current_device() if device.index is None and is_cuda(device) else device.index
+    with PowerTrace(gpu) if is_cuda(device) else contextlib.nullcontext() as trace:
+        for section in inference:
+            if section == "decode":  # all systems in rounds, see Suite.decode_interleaved
+                for batch, t in shapes[section]:
+                    suite.decode_interleaved([sys_ for sys_ in suite.systems.values() if sys_.decodes], batch, t)
+                continue
+            for name, system in suite.systems.items():
+                for batch, t in shapes[section]:
+                    if name == "hf_llava_compile" and (section != "prefill" or t != setting.text_tokens[0]):
+                        continue  # each shape is a fresh compile of minutes: one shape only
+                    suite.inference(section, system, batch, t)
+    if trace is not None:  # the SM clock and board power while each prefill, ttft and throughput entry was timed
+        for entry, t_start, t_end in suite.windows:
+            entry["power"] = trace.window(t_start, t_end)
     results["systems"].update({n: {"status": "built", **sys.info()} for n, sys in suite.systems.items()})
     results["checks"] = _checks(suite.logits)
     suite.logits.clear()
