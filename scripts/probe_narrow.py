@@ -84,6 +84,64 @@ def tilings(k: int):
             yield bn, bk, stages
 
 
+def on(stream, fn):
+    """A thunk: fn's work on `stream`, joined to the current stream before and after."""
+    def go():
+        cur = torch.cuda.current_stream()
+        stream.wait_stream(cur)
+        with torch.cuda.stream(stream):
+            fn()
+        cur.wait_stream(stream)
+    return go
+
+
+def both(text_stream, text_fn, vis_stream, vis_fn):
+    """A thunk: vis_fn on vis_stream and text_fn on text_stream at once, both joined to the current stream."""
+    def go():
+        cur = torch.cuda.current_stream()
+        for s in (text_stream, vis_stream):
+            s.wait_stream(cur)
+        with torch.cuda.stream(vis_stream):
+            vis_fn()
+        with torch.cuda.stream(text_stream):
+            text_fn()
+        cur.wait_stream(text_stream)
+        cur.wait_stream(vis_stream)
+    return go
+
+
+def visual_gemms(hv, w2, xv, kv_src, wkv, kv, carve: int = 0) -> None:
+    """Each layer's visual GEMMs: xv = hv W2^T, then kv = kv_src W_kv^T (kv_src: xv, or a buffer of xv's shape plus
+    text rows), with cuBLASLt told to leave `carve` SMs free (0: none)."""
+    torch._C._set_sm_carveout_experimental(carve or None)
+    try:
+        for w2_i, wkv_i in zip(w2, wkv):
+            torch.mm(hv, w2_i.t(), out=xv)
+            torch.mm(kv_src, wkv_i.t(), out=kv)
+    finally:
+        torch._C._set_sm_carveout_experimental(None)
+
+
+def fastest_tiling(run, x, ws, y, g: int, stream, errors: dict | None = None) -> tuple[float, list[int]]:
+    """(us per call, [bn, bk, stages]) of the stream kernel's fastest tiling at G = g programs for x W^T over the
+    weights `ws`, timed on `stream`; only tilings whose shared memory keeps one program per SM. Failures go to
+    `errors` (None: raised)."""
+    n, k = ws[0].shape
+    timed = []
+    for bn, bk, stages in tilings(k):
+        if n // bn < g or (64 + bn) * bk * 2 * stages < 114_000:
+            continue
+        try:
+            timed.append((graph_us([on(stream, lambda w=w, t=(g, bn, bk, stages): run(x, w, y, *t)) for w in ws]),
+                          [bn, bk, stages]))
+        except Exception as e:
+            if errors is None:
+                raise
+            errors[f"{bn},{bk},{stages}"] = f"{type(e).__name__}: {str(e)[:160]}"
+            torch.cuda.synchronize()
+    return min(timed)
+
+
 def narrow_section(dev, rows: int, layers: int, programs: list[int]) -> dict:
     run = stream_kernel()
     out = {}
@@ -153,48 +211,20 @@ def overlap_section(dev, rows: int, layers: int, best: dict, programs: list[int]
                     run(xs[name], w[name], ys[name], g, *best[name][str(g)])
 
     def visual_chain(carve):
-        torch._C._set_sm_carveout_experimental(carve or None)
-        try:
-            for i in range(layers):
-                torch.mm(hv, w2[i].t(), out=xv)
-                torch.mm(kv_in, wkv[i].t(), out=kv)
-        finally:
-            torch._C._set_sm_carveout_experimental(None)
-
-    def on(stream, fn):
-        def go():
-            cur = torch.cuda.current_stream()
-            stream.wait_stream(cur)
-            with torch.cuda.stream(stream):
-                fn()
-            cur.wait_stream(stream)
-        return go
-
-    def both(g, carve):
-        def go():
-            cur = torch.cuda.current_stream()
-            for s in (high, low):
-                s.wait_stream(cur)
-            with torch.cuda.stream(low):
-                visual_chain(carve)
-            with torch.cuda.stream(high):
-                text_chain(g)
-            cur.wait_stream(high)
-            cur.wait_stream(low)
-        return go
+        visual_gemms(hv, w2, xv, kv_in, wkv, kv, carve)
 
     out = {"us_per_layer": {}, "errors": {}}
     runs = {"text, skinny, all SMs": on(high, lambda: text_chain(None)),
             "visual, all SMs": on(low, lambda: visual_chain(0)),
-            "both, skinny text": both(None, 0)}
+            "both, skinny text": both(high, lambda: text_chain(None), low, lambda: visual_chain(0))}
     for g in programs:
         if not all(str(g) in best[name] for name in SHAPES):
             continue
         runs[f"text, G {g}"] = on(high, lambda g=g: text_chain(g))
         runs[f"visual, carveout {g}"] = on(low, lambda g=g: visual_chain(g))
         runs[f"serial, G {g}"] = lambda g=g: (visual_chain(0), text_chain(g))
-        runs[f"both, G {g}, carveout {g}"] = both(g, g)
-        runs[f"both, G {g}, no carveout"] = both(g, 0)
+        runs[f"both, G {g}, carveout {g}"] = both(high, lambda g=g: text_chain(g), low, lambda g=g: visual_chain(g))
+        runs[f"both, G {g}, no carveout"] = both(high, lambda g=g: text_chain(g), low, lambda: visual_chain(0))
     for name, fn in runs.items():
         try:
             vals = [graph_us([fn], reps=10) / layers for _ in range(3)]
@@ -265,22 +295,7 @@ def partition_section(dev, rows: int, layers: int, splits: list[int], sv: int = 
     out = {}
 
     def visual_chain(carve):
-        torch._C._set_sm_carveout_experimental(carve or None)
-        try:
-            for i in range(layers):
-                torch.mm(hv, w2[i].t(), out=xv)
-                torch.mm(xv, wkv[i].t(), out=kv)
-        finally:
-            torch._C._set_sm_carveout_experimental(None)
-
-    def on(stream, fn):
-        def go():
-            cur = torch.cuda.current_stream()
-            stream.wait_stream(cur)
-            with torch.cuda.stream(stream):
-                fn()
-            cur.wait_stream(stream)
-        return go
+        visual_gemms(hv, w2, xv, xv, wkv, kv, carve)
 
     def split(n):
         part = Partition(n, dev.index or 0)
@@ -288,18 +303,8 @@ def partition_section(dev, rows: int, layers: int, splits: list[int], sv: int = 
         g = part.sms[0]
         row = {"sms": list(part.sms), "tiles": {}, "us_per_layer": {}, "errors": {}}
         for name, (nn, k) in shapes.items():  # the fastest tiling at G = g, timed on the text side alone
-            timed = []
-            for bn, bk, stages in tilings(k):
-                if nn // bn < g or (64 + bn) * bk * 2 * stages < 114_000:  # one program per SM
-                    continue
-                try:
-                    us = graph_us([on(a, lambda w=w[name], x=xs[name], y=ys[name], t=(g, bn, bk, stages):
-                                      run(x, w, y, *t)) for w in text])
-                    timed.append((us, [bn, bk, stages]))
-                except Exception as e:  # noqa: BLE001 (record and go on)
-                    row["errors"][f"{name} {bn},{bk},{stages}"] = f"{type(e).__name__}: {str(e)[:160]}"
-                    torch.cuda.synchronize()
-            us, tiles = min(timed)
+            us, tiles = fastest_tiling(run, xs[name], [w[name] for w in text], ys[name], g, a,
+                                       row["errors"].setdefault(name, {}))
             row["tiles"][name] = {"tiles": tiles, "us": round(us, 2), "tb_per_s": round(nn * k * 2 / us / 1e3, 3)}
 
         def text_chain():
@@ -307,24 +312,12 @@ def partition_section(dev, rows: int, layers: int, splits: list[int], sv: int = 
                 for name in shapes:
                     run(xs[name], w[name], ys[name], g, *row["tiles"][name]["tiles"])
 
-        def both(carve):
-            def go():
-                cur = torch.cuda.current_stream()
-                for s in (a, b):
-                    s.wait_stream(cur)
-                with torch.cuda.stream(b):
-                    visual_chain(carve)
-                with torch.cuda.stream(a):
-                    text_chain()
-                cur.wait_stream(a)
-                cur.wait_stream(b)
-            return go
-
         runs = {"text alone (its SMs)": on(a, text_chain), "visual alone (the rest)": on(b, lambda: visual_chain(0)),
                 "visual alone (the rest, carveout)": on(b, lambda: visual_chain(g)),
                 "visual alone (all SMs)": lambda: visual_chain(0), "serial (all SMs)": lambda: (
                     visual_chain(0), text_chain()),
-                "both": both(0), "both, carveout": both(g)}
+                "both": both(a, text_chain, b, lambda: visual_chain(0)),
+                "both, carveout": both(a, text_chain, b, lambda: visual_chain(g))}
         for name, fn in runs.items():
             try:
                 row["us_per_layer"][name] = [round(graph_us([fn], reps=10) / layers, 1) for _ in range(3)]
@@ -337,15 +330,6 @@ def partition_section(dev, rows: int, layers: int, splits: list[int], sv: int = 
     for n in splits:
         out[str(n)] = split(n)
     return out
-
-
-def side(stream, fn):
-    """fn's work on `stream`, joined to the current stream before and after."""
-    cur = torch.cuda.current_stream()
-    stream.wait_stream(cur)
-    with torch.cuda.stream(stream):
-        fn()
-    cur.wait_stream(stream)
 
 
 def sustained(fn, seconds: float = 2.0) -> dict:
@@ -435,13 +419,8 @@ def window_section(dev, rows: int, layers: int, splits: list[int], sv: int = 576
         a, b = part.streams
         g = part.sms[0]
         tiles = {}
-        for name, (nn, k) in shapes.items():  # the fastest tiling at G = g on the text side alone
-            timed = []
-            for bn, bk, stages in tilings(k):
-                if nn // bn >= g and (64 + bn) * bk * 2 * stages >= 114_000:
-                    args = (xs[name], text[0][name], ys[name], g, bn, bk, stages)
-                    timed.append((graph_us([lambda c=args: run(*c)], stream=a), [bn, bk, stages]))
-            tiles[name] = min(timed)[1]
+        tiles = {name: fastest_tiling(run, xs[name], [w[name] for w in text], ys[name], g, a)[1]
+                 for name in shapes}  # the fastest tiling at G = g on the text side alone
         ev_v = [torch.cuda.Event() for _ in range(layers)]
         ev_kv = [torch.cuda.Event() for _ in range(layers)]
         ev_t = [torch.cuda.Event() for _ in range(layers)]
@@ -480,8 +459,8 @@ def window_section(dev, rows: int, layers: int, splits: list[int], sv: int = 576
         variants = {"window": window, "window, projector 0 on its SMs": lambda: window(False),
                     "window, no projector": lambda: window(vis=False), "window, no text": lambda: window(txt=False),
                     "window, k/v GEMMs only": lambda: window(vis=False, txt=False),
-                    "projector per layer, its SMs alone": lambda: side(b, lambda: [projector(i) for i in range(layers)]),
-                    "text GEMMs, its SMs alone": lambda: side(a, lambda: [
+                    "projector per layer, its SMs alone": on(b, lambda: [projector(i) for i in range(layers)]),
+                    "text GEMMs, its SMs alone": on(a, lambda: [
                         run(xs[name], text[i][name], ys[name], g, *tiles[name]) for i in range(layers)
                         for name in shapes])}
         for name, fn in variants.items():
