@@ -293,7 +293,8 @@ def test_suite_on_cuda_tiny():
         pytest.skip("needs CUDA")
     r = run_suite(replace(PRESETS["tiny"], dtype="bfloat16"), device="cuda", quick=True, log=lambda line: None)
     bad = [e for e in r["entries"] if e["status"] in ("error", "oom")]
-    assert not bad, bad
+    assert not bad, "; ".join(f"{e['system']} {e['section']} b={e['batch']} t={e.get('text_tokens')}: "
+                              f"{e['status']} {e.get('error')}" for e in bad)
     assert r["systems"]["hf_llava_graphs"]["method"].startswith("cuda_graph"), r["systems"]["hf_llava_graphs"]
     for name, check in r["checks"].items():
         assert check["pass"], (name, check)

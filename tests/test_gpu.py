@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,7 +14,7 @@ from saisa import SaisaForConditionalGeneration
 from saisa.model import skinny, text_attention
 from saisa.model.decoder import apply_rope
 from saisa.model.fused import attend, key_value, skinny_supported
-from saisa.model.graphs import GraphedForward
+from saisa.model.graphs import GraphedForward, capturing
 
 pytestmark = pytest.mark.gpu
 
@@ -494,3 +496,33 @@ def test_graphed_train_step_matches_eager_steps():
              attention_mask=batch["attention_mask"][:, :-1], pixel_values=batch["pixel_values"])
     with pytest.raises(ValueError, match="capturable=True"):
         GraphedTrainStep(eager, torch.optim.AdamW(params[0], fused=True))
+
+
+def test_garbage_collection_during_a_capture_leaves_it_valid():
+    """A graph held only by a dead reference cycle is not destroyed while another graph is captured: destroying a
+    graph is not permitted during a capture and invalidates it (test_suite_on_cuda_tiny failed so, at random, when a
+    collection fell inside one). Here the collector is made to run at every allocation inside the capture; with
+    torch.cuda.graph alone (no paused collector) the capture fails."""
+    x = torch.ones(8, device="cuda")
+    old = torch.cuda.CUDAGraph()
+    with capturing(old):
+        y = x * 2
+    old.replay()
+    holder = [old]
+    holder.append(holder)  # a cycle: only the cyclic collector frees it, and the graph with it
+    del old
+    graph = torch.cuda.CUDAGraph()
+    thresholds = gc.get_threshold()
+    try:
+        with capturing(graph):
+            z = x + 1
+            del holder  # now garbage, for the collector to find
+            gc.set_threshold(1, 1, 1)
+            junk = [[[]] for _ in range(1000)]  # allocations: with the collector on, collections run here
+            z = z + len(junk)
+    finally:
+        gc.set_threshold(*thresholds)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(z, torch.full_like(x, 1002.0)) and torch.equal(y, x * 2)
+    gc.collect()  # the old graph goes now, outside any capture

@@ -684,3 +684,24 @@ def test_prefill_tables_are_made_once_per_layout():
             ref = model(input_ids=ids, pixel_values=pixels).logits
             rows = text_rows(ids[0])
             assert_close(fast[0, rows], ref[0, rows], atol=1e-5, rtol=1e-5)
+
+
+def test_gc_paused_turns_the_cyclic_collector_off_inside_and_back_after():
+    """graphs.gc_paused (every CUDA-graph capture runs in it): no automatic collection inside, the collector's
+    state as it was after, also when the block raises."""
+    from saisa.model.graphs import gc_paused
+
+    assert gc.isenabled()
+    with gc_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError, match="inside"), gc_paused():
+        raise RuntimeError("inside")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with gc_paused():
+            pass
+        assert not gc.isenabled(), "a collector that was off stays off"
+    finally:
+        gc.enable()

@@ -6,11 +6,17 @@ the eager prefill is launch-bound (hundreds of small kernels per forward), and t
 The GEMMs are captured through cuBLASLt by default (torch's preferred BLAS library, set while capturing and put
 back after): at t=64 its kernels for the text GEMMs were faster than cuBLAS's (see BLAS). `capture_graph` is
 the plain warm-up-then-capture that the bench's HF graphs and the graphed training step (saisa.train.graphed) use.
+Every capture here runs with Python's cyclic garbage collector paused (`capturing`): a collection during a capture
+may free an unrelated graph held in a dead reference cycle, and destroying a graph is not permitted while a stream
+is capturing, so the capture under way was invalidated ("operation failed due to a previous error during capture",
+after torch's warning "operation not permitted when stream is capturing (function reset)").
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+import gc
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -36,6 +42,26 @@ def preferred_blas(library: str | None):
         torch.backends.cuda.preferred_blas_library(old)
 
 
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off inside the block, as it was after (objects freed by reference counts
+    are still freed at once)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+@contextmanager
+def capturing(graph: torch.cuda.CUDAGraph, stream: torch.cuda.Stream | None = None) -> Iterator[None]:
+    """`torch.cuda.graph(graph, stream=stream)` with the cyclic garbage collector paused (see the module's note)."""
+    with gc_paused(), torch.cuda.graph(graph, stream=stream):
+        yield
+
+
 class GraphedForward:
     """`model.forward_with_layout` for one (input_ids, attention_mask, image-feature shape), captured on CUDA."""
 
@@ -59,9 +85,9 @@ class GraphedForward:
         self.layout = model.layout(input_ids.cpu(), attention_mask.cpu(), num_images, v)
         self.input_ids = input_ids.to(device).clone()
         self.image_features = None if image_features is None else image_features.to(device).clone()
-        self._run = lambda: model.forward_with_layout(
-            self.input_ids, self.layout, self.image_features, None, logits_to_keep
-        )
+        # Bound to the static buffers, not to self: no reference cycle, so the graph goes when its owner drops it.
+        self._run = functools.partial(model.forward_with_layout, self.input_ids, self.layout, self.image_features,
+                                      None, logits_to_keep)
         with preferred_blas(blas), torch.no_grad():
             on_side_stream(lambda: _repeat(self._run, warmup), torch.cuda.Stream(device))
             self.graph = torch.cuda.CUDAGraph()
@@ -72,7 +98,7 @@ class GraphedForward:
             # batched GEMM on an H100 (the cause was not confirmed; the run before and after passed).
             capture = torch.cuda.Stream(device, priority=-1)
             on_side_stream(self._run, capture)
-            with torch.cuda.graph(self.graph, stream=capture):
+            with capturing(self.graph, capture):
                 self.logits = self._run()
 
     def __call__(self, image_features: torch.Tensor | None = None, input_ids: torch.Tensor | None = None):
@@ -110,6 +136,6 @@ def capture_graph(fn: Callable[[], Any], warmup: int = 3) -> tuple[torch.cuda.CU
     The capture only records: `fn`'s work runs at the first `graph.replay()`."""
     on_side_stream(lambda: _repeat(fn, warmup))
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with capturing(graph):
         out = fn()
     return graph, out
