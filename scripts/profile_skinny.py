@@ -14,8 +14,8 @@ hides q_proj's weight reads; "pdl", whole skinny text layers with their kernels 
 programmatic dependent launches that prefetch weight lines before waiting; "partition", the visual path (projector
 and visual k/v GEMMs) beside a text chain with no compute-bound GEMM, on plain streams or CUDA green contexts;
 "hold", W_q or W_o bulk-prefetched to L2 (evict_last) on a side stream during the k/v GEMM; "tma", skinny's
-GEMMs with TMA descriptor loads; "w1", the projectors' first GEMM with its bias and exact GELU as one Triton GEMM;
-"tunable", torch's TunableOp on the compute-bound GEMMs. Prints tables; JSON to --out (rewritten after each part).
+GEMMs with TMA descriptor loads; "gate-up-stream", skinny.gate_up's persistent TMA form; "w1", the projectors' first GEMM with its bias and exact GELU as one Triton GEMM
+("w1-persistent": also persistent, with and without warp specialisation); "tunable", torch's TunableOp on the compute-bound GEMMs. Prints tables; JSON to --out (rewritten after each part).
 
     PYTHONPATH=src python3 scripts/profile_skinny.py --out $OUT/skinny.json --sections gemms --quick
     PYTHONPATH=src python3 scripts/profile_skinny.py --out $OUT/attention.json --sections attention
@@ -220,13 +220,19 @@ def attention_section(layers: int, dev) -> dict:
         "half table, block_n 32": {"half_table": True, "block_n": 32},
         "half table, block_n 32, split 10": {"half_table": True, "block_n": 32, "split": 10},
         "half table, block_n 128": {"half_table": True, "block_n": 128, "warps": 8},
+        "half table, block_m 32": {"half_table": True, "block_m": 32},
+        "half table, block_m 32, split 2": {"half_table": True, "block_m": 32, "split": 2},
+        "half table, block_m 16": {"half_table": True, "block_m": 16},
+        "half table, block_m 16, split 1": {"half_table": True, "block_m": 16, "split": 1},
+        "half table, block_m 16, block_n 32": {"half_table": True, "block_m": 16, "block_n": 32},
     }
     out = {"checks": [], "us_per_layer": {}}
     for b, t, sv, hq, hkv, d, first in ((1, 64, 576, 32, 32, 128, False), (2, 37, 100, 8, 2, 64, True),
                                         (1, 128, 576, 32, 32, 128, True), (3, 16, 40, 4, 4, 128, False)):
         args = inputs(b, t, sv, hq, hkv, d, first)
         ref = reference(*args).float()
-        for name in ("default", "half table", "split 1", "split 10, half table", "half table, block_n 32"):
+        for name in ("default", "half table", "split 1", "split 10, half table", "half table, block_n 32",
+                     "half table, block_m 32", "half table, block_m 16, split 1"):
             got = ours(settings[name])(*args).float()
             err = float((got - ref).norm() / ref.norm())
             out["checks"].append({"setting": name, "b": b, "t": t, "sv": sv, "hq": hq, "hkv": hkv, "d": d,
@@ -924,6 +930,52 @@ def tma_kernels():
     return run
 
 
+def gate_up_stream_section(rows: int, layers: int, dev) -> dict:
+    """skinny.gate_up as one program per output tile (GATE_UP) against its persistent TMA form (Tiles.programs) at
+    Vicuna-7B's FFN shape, dividing by the rows' RMS as the skinny step does: us per call over `layers` distinct
+    weights, TB/s of weight read, each checked against the per-tile kernel; the fastest few again as programmatic
+    dependent launches (each call a dependent of the one before, PREFETCH lines sent to L2 first)."""
+    n, k = SHAPES["gate_proj + up_proj, SiLU * up"][:2]
+    x = torch.randn(rows, k, device=dev, dtype=torch.bfloat16)
+    ss = x.float().pow(2).sum(-1) * (1 + torch.rand(rows, device=dev))
+    ws = [[torch.randn(n, k, device=dev, dtype=torch.bfloat16) * k**-0.5 for _ in range(2)] for _ in range(layers)]
+    gb = 2 * n * k * 2 / 1e9
+
+    def calls(tiles, pdl=False):
+        return [lambda w=w: skinny.gate_up(x, *w, tiles, ss=ss, eps=1e-5, pdl=pdl) for w in ws]
+
+    ref = skinny.gate_up(x, *ws[0], skinny.GATE_UP, ss=ss, eps=1e-5).float()
+    base = graph_us(calls(skinny.GATE_UP))
+    out = {"copy_tb_per_s": round(copy_tbps(), 3), "per tile (GATE_UP)": {"us": round(base, 2),
+                                                                          "tb_per_s": round(gb / base * 1e3, 3)},
+           "stream": []}
+    print("gate_up per tile", out["per tile (GATE_UP)"], flush=True)
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    for programs, (bn, bk, stages, warps) in itertools.product(
+            (sms * 2 // 3, sms), ((64, 128, 4, 4), (32, 128, 6, 4), (32, 256, 3, 4), (64, 64, 8, 4), (64, 128, 3, 8),
+                                  (128, 64, 4, 8))):
+        tiles = skinny.Tiles(bn, bk, stages, warps, programs=programs)
+        row = {"programs": programs, "tiles": [bn, bk, stages, warps]}
+        try:
+            got = skinny.gate_up(x, *ws[0], tiles, ss=ss, eps=1e-5).float()
+            row["rel_err"] = round(((got - ref).norm() / ref.norm()).item(), 6)
+            us = graph_us(calls(tiles))
+            row |= {"us": round(us, 2), "tb_per_s": round(gb / us * 1e3, 3)}
+        except Exception as e:  # noqa: BLE001 (out of resources, a compile error: record and go on)
+            row["error"] = f"{type(e).__name__}: {str(e)[:160]}"
+        out["stream"].append(row)
+        print(row, flush=True)
+    if skinny.pdl_supported(dev):
+        best = sorted((r for r in out["stream"] if "us" in r), key=lambda r: r["us"])[:3]
+        pdl = {"per tile (GATE_UP)": round(graph_us(calls(skinny.GATE_UP._replace(prefetch=skinny.PREFETCH), True)), 2)}
+        for r in best:
+            tiles = skinny.Tiles(*r["tiles"], programs=r["programs"], prefetch=skinny.PREFETCH)
+            pdl[f"stream {r['programs']} {r['tiles']}"] = round(graph_us(calls(tiles, True)), 2)
+        out["pdl_us"] = pdl
+        print("pdl", pdl, flush=True)
+    return out
+
+
 def tma_section(rows: int, layers: int, dev) -> dict:
     """skinny's kernels against the same GEMMs with TMA loads, at the text GEMMs' shapes (us per call over `layers`
     distinct weights, TB/s of weight read), each checked against cuBLAS."""
@@ -964,9 +1016,18 @@ def tma_section(rows: int, layers: int, dev) -> dict:
 def gelu_gemm():
     """GELU(x W^T + b) in its exact (erf) form as one Triton GEMM with TMA loads, rounded as the reference rounds
     (the product to bf16, the bias add to bf16, GELU in fp32 to bf16): the projector's first GEMM and the GELU pass
-    after it in one kernel."""
+    after it in one kernel. `run(..., persistent=P)`: P programs, each looping over output tiles (the m tiles of one
+    n tile in a row, so W's tile is read from HBM once), with Triton's warp specialisation of that loop (ws: a
+    producer warp issues the TMA loads while the others multiply and write the epilogue) or without."""
     triton, tl = skinny.triton_modules()
     from triton.tools.tensor_descriptor import TensorDescriptor
+
+    @triton.jit
+    def epilogue(acc, bias_ptr, c_desc, off_m, off_n, BLOCK_N: tl.constexpr):
+        dtype = c_desc.dtype
+        bias = tl.load(bias_ptr + off_n + tl.arange(0, BLOCK_N)).to(tl.float32)
+        x = (acc.to(dtype).to(tl.float32) + bias[None, :]).to(dtype).to(tl.float32)
+        c_desc.store([off_m, off_n], (0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))).to(dtype))
 
     @triton.jit
     def kernel(a_desc, b_desc, bias_ptr, c_desc, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -983,24 +1044,50 @@ def gelu_gemm():
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k in tl.range(0, K, BLOCK_K, num_stages=STAGES):
             acc = tl.dot(a_desc.load([off_m, k]), b_desc.load([off_n, k]).T, acc)
-        dtype = c_desc.dtype
-        bias = tl.load(bias_ptr + off_n + tl.arange(0, BLOCK_N)).to(tl.float32)
-        x = (acc.to(dtype).to(tl.float32) + bias[None, :]).to(dtype).to(tl.float32)
-        c_desc.store([off_m, off_n], (0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))).to(dtype))
+        epilogue(acc, bias_ptr, c_desc, off_m, off_n, BLOCK_N)
 
-    def run(a, w, b, out, bm, bn, bk, stages, warps, group=8):
+    @triton.jit
+    def persistent_kernel(a_desc, b_desc, bias_ptr, c_desc, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr, PROGRAMS: tl.constexpr, WS: tl.constexpr):
+        num_m = tl.cdiv(M, BLOCK_M)
+        for tile in tl.range(tl.program_id(0), num_m * (N // BLOCK_N), PROGRAMS, flatten=False, warp_specialize=WS):
+            off_m, off_n = (tile % num_m) * BLOCK_M, (tile // num_m) * BLOCK_N
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k in range(0, K, BLOCK_K):
+                acc = tl.dot(a_desc.load([off_m, k]), b_desc.load([off_n, k]).T, acc)
+            epilogue(acc, bias_ptr, c_desc, off_m, off_n, BLOCK_N)
+
+    descs = {}
+
+    def run(a, w, b, out, bm, bn, bk, stages, warps, group=8, persistent=0, ws=False):
         m, k = a.shape
         n = w.shape[0]
+        key = (a.data_ptr(), w.data_ptr(), out.data_ptr(), bm, bn, bk)
+        if key not in descs:  # made once per tensor and tiling: host work outside the timed graphs
+            descs[key] = (TensorDescriptor.from_tensor(a, [bm, bk]), TensorDescriptor.from_tensor(w, [bn, bk]),
+                          TensorDescriptor.from_tensor(out, [bm, bn]))
+        ad, wd, cd = descs[key]
+        if persistent:
+            persistent_kernel[(persistent,)](ad, wd, b, cd, m, n, k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                                             PROGRAMS=persistent, WS=ws, num_stages=stages, num_warps=warps)
+            return
         grid = (triton.cdiv(m, bm) * (n // bn),)
-        kernel[grid](TensorDescriptor.from_tensor(a, [bm, bk]), TensorDescriptor.from_tensor(w, [bn, bk]), b,
-                     TensorDescriptor.from_tensor(out, [bm, bn]), m, n, k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                     STAGES=stages, GROUP_M=group, num_warps=warps)
+        kernel[grid](ad, wd, b, cd, m, n, k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages, GROUP_M=group,
+                     num_warps=warps)
     return run
 
 
-def w1_section(dev, layers: int = 32, sv: int = 576, d: int = 1024, h: int = 4096) -> dict:
+W1_TILINGS = ((128, 256, 64, 3, 8), (128, 256, 64, 4, 8), (128, 128, 64, 4, 8), (128, 128, 64, 5, 4),
+              (64, 256, 64, 4, 4), (256, 128, 64, 3, 8), (128, 256, 128, 2, 8), (64, 128, 128, 4, 4))
+W1_PERSISTENT = ((128, 256, 64, 3, 8), (128, 256, 64, 4, 8), (128, 128, 64, 4, 8), (128, 128, 64, 5, 4),
+                 (64, 256, 64, 4, 4), (128, 128, 128, 3, 8), (64, 256, 128, 3, 4))
+
+
+def w1_section(dev, layers: int = 32, sv: int = 576, d: int = 1024, h: int = 4096, persistent: bool = False
+               ) -> dict:
     """The projectors' first GEMM for all layers (Z (sv, d) x W1 (layers*h, d)^T) with bias and exact GELU: cuBLAS
-    and the fused pass (as the model runs it), against one Triton GEMM with the bias and GELU in its epilogue.
+    and the fused pass (as the model runs it), against one Triton GEMM with the bias and GELU in its epilogue
+    (persistent: also the persistent form, with and without warp specialisation, one program per SM).
     us per call (graphs of 8 calls), the fraction of outputs bit-equal to the reference, relative error."""
     run = gelu_gemm()
     bf = {"device": dev, "dtype": torch.bfloat16}
@@ -1012,16 +1099,19 @@ def w1_section(dev, layers: int = 32, sv: int = 576, d: int = 1024, h: int = 409
     fused = torch.compile(lambda x, b: F.gelu(x + b))
     res = {"cublas + gelu pass": round(graph_us([lambda: fused(F.linear(z, w1), b1)] * 8), 1),
            "cublas alone": round(graph_us([lambda: F.linear(z, w1)] * 8), 1), "triton": []}
-    for bm, bn, bk, stages, warps in ((128, 256, 64, 3, 8), (128, 256, 64, 4, 8), (128, 128, 64, 4, 8),
-                                      (128, 128, 64, 5, 4), (64, 256, 64, 4, 4), (256, 128, 64, 3, 8),
-                                      (128, 256, 128, 2, 8), (64, 128, 128, 4, 4)):
-        row = {"tiles": [bm, bn, bk, stages, warps]}
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    kinds = [(t, {}) for t in W1_TILINGS]
+    if persistent:
+        kinds += [(t, {"persistent": sms, "ws": ws}) for ws in (False, True) for t in W1_PERSISTENT]
+    for (bm, bn, bk, stages, warps), extra in kinds:
+        row = {"tiles": [bm, bn, bk, stages, warps], **extra}
         try:
             out.zero_()
-            run(z, w1, b1, out, bm, bn, bk, stages, warps)
+            run(z, w1, b1, out, bm, bn, bk, stages, warps, **extra)
             row["bit_equal"] = round((out == ref).float().mean().item(), 5)
             row["rel_err"] = round(((out.float() - ref.float()).norm() / ref.float().norm()).item(), 6)
-            row["us"] = round(graph_us([lambda a=(bm, bn, bk, stages, warps): run(z, w1, b1, out, *a)] * 8), 1)
+            row["us"] = round(graph_us([lambda a=(bm, bn, bk, stages, warps), e=extra: run(z, w1, b1, out, *a, **e)]
+                                       * 8), 1)
         except Exception as e:  # noqa: BLE001 (out of resources, a compile error: record and go on)
             row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
         res["triton"].append(row)
@@ -1101,7 +1191,9 @@ def main() -> None:
         "partition": lambda: partition_section(args.rows, args.layers, dev),
         "hold": lambda: hold_section(args.rows, args.layers, dev),
         "tma": lambda: tma_section(args.rows, args.layers, dev),
+        "gate-up-stream": lambda: gate_up_stream_section(args.rows, args.layers, dev),
         "w1": lambda: w1_section(dev),
+        "w1-persistent": lambda: w1_section(dev, persistent=True),
         "tunable": lambda: tunable_section(dev),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -251,12 +251,15 @@ def test_text_attention_matches_the_reference(b, t, sv, hq, hkv, d, text_first):
     ref = attend(rq.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), bias.float(), d**-0.5, "sdpa")
     ref = ref.transpose(1, 2).reshape(b, t, -1)
     assert text_attention.supported(q, kv, d) and text_attention.halves_equal(cos, sin)
-    for setting in ({}, {"split": 1}, {"split": 3, "half_table": True}, {"split": 100}, {"block_n": 32}):
+    for setting in ({}, {"split": 1}, {"split": 3, "half_table": True}, {"split": 100}, {"block_n": 32},
+                    {"block_m": 16}, {"block_m": 32, "split": 1}):
         out = text_attention.text_attention(q, kv, cos, sin, bias, d, **setting)
         assert out.shape == q.shape and out.dtype == q.dtype
         assert torch.isfinite(out).all(), setting
         assert _rel(out, ref) < 1e-2, setting
     assert _rel(torch.ops.saisa.text_attention(q, kv, cos, sin, bias, d, True), ref) < 1e-2
+    with pytest.raises(ValueError, match="block_m"):
+        text_attention.text_attention(q, kv, cos, sin, bias, d, block_m=24)
 
 
 def test_linear_residual_and_the_deferred_norm_match_aten():

@@ -202,10 +202,12 @@ def text_attention(
     pdl: bool = False,
     vis_rstd: torch.Tensor | None = None,
     kv_bias: torch.Tensor | None = None,
+    block_m: int | None = None,
 ) -> torch.Tensor:
     """softmax(rope(q) rope(k)^T * scale + bias) v for every query head -> (B, T, Hq * D) (check `supported`
     first). half_table: cos/sin repeat their first half (transformers' RoPE), so only it is read. split: key
-    spans per (batch, head, query block); None: enough to give every SM a program. row_sums: skinny.linear_residual's
+    spans per (batch, head, query block); None: enough to give every SM a program. block_m: query rows per
+    program (a power of two from 16; None: all T up to 64). row_sums: skinny.linear_residual's
     sums of squares (B*T,) of the text rows (row_dim wide), which q and the last T rows of kv were
     projected from without dividing by their RMS (eps: the norm's): each query and text key/value is divided here.
     pdl: both kernels launched as programmatic dependents of the kernel before (skinny.pdl_supported): each waits
@@ -243,7 +245,10 @@ def text_attention(
                                 or not kv_bias.is_contiguous()):
         raise ValueError(f"text_attention: kv_bias must be a contiguous fp32 ({kv.shape[-1]},) tensor (keys' bias, "
                          f"then values'), got {kv_bias.dtype} {tuple(kv_bias.shape)}")
-    block_m = min(64, max(16, triton.next_power_of_2(t)))
+    if block_m is None:
+        block_m = min(64, max(16, triton.next_power_of_2(t)))
+    elif block_m < 16 or block_m & (block_m - 1):
+        raise ValueError(f"text_attention: block_m must be a power of two >= 16, got {block_m}")
     q_blocks = triton.cdiv(t, block_m)
     key_blocks = triton.cdiv(s, block_n)
     if split is None:
