@@ -14,8 +14,11 @@ hides q_proj's weight reads; "pdl", whole skinny text layers with their kernels 
 programmatic dependent launches that prefetch weight lines before waiting; "partition", the visual path (projector
 and visual k/v GEMMs) beside a text chain with no compute-bound GEMM, on plain streams or CUDA green contexts;
 "hold", W_q or W_o bulk-prefetched to L2 (evict_last) on a side stream during the k/v GEMM; "tma", skinny's
-GEMMs with TMA descriptor loads; "gate-up-stream", skinny.gate_up's persistent TMA form; "w1", the projectors' first GEMM with its bias and exact GELU as one Triton GEMM
-("w1-persistent": also persistent, with and without warp specialisation); "tunable", torch's TunableOp on the compute-bound GEMMs. Prints tables; JSON to --out (rewritten after each part).
+GEMMs with TMA descriptor loads; "w1", the projectors' first GEMM with its bias and exact GELU as one Triton GEMM
+("w1-persistent": also persistent, with and without warp specialisation); "tunable", torch's TunableOp on the
+compute-bound GEMMs. Prints tables; JSON to --out (rewritten after each part). (A "gate-up-stream" section,
+skinny.gate_up as persistent TMA programs, is in commit 14e868b with the kernel; its results are
+skinny-gate-up-stream-h100-t64.json.)
 
     PYTHONPATH=src python3 scripts/profile_skinny.py --out $OUT/skinny.json --sections gemms --quick
     PYTHONPATH=src python3 scripts/profile_skinny.py --out $OUT/attention.json --sections attention
@@ -930,52 +933,6 @@ def tma_kernels():
     return run
 
 
-def gate_up_stream_section(rows: int, layers: int, dev) -> dict:
-    """skinny.gate_up as one program per output tile (GATE_UP) against its persistent TMA form (Tiles.programs) at
-    Vicuna-7B's FFN shape, dividing by the rows' RMS as the skinny step does: us per call over `layers` distinct
-    weights, TB/s of weight read, each checked against the per-tile kernel; the fastest few again as programmatic
-    dependent launches (each call a dependent of the one before, PREFETCH lines sent to L2 first)."""
-    n, k = SHAPES["gate_proj + up_proj, SiLU * up"][:2]
-    x = torch.randn(rows, k, device=dev, dtype=torch.bfloat16)
-    ss = x.float().pow(2).sum(-1) * (1 + torch.rand(rows, device=dev))
-    ws = [[torch.randn(n, k, device=dev, dtype=torch.bfloat16) * k**-0.5 for _ in range(2)] for _ in range(layers)]
-    gb = 2 * n * k * 2 / 1e9
-
-    def calls(tiles, pdl=False):
-        return [lambda w=w: skinny.gate_up(x, *w, tiles, ss=ss, eps=1e-5, pdl=pdl) for w in ws]
-
-    ref = skinny.gate_up(x, *ws[0], skinny.GATE_UP, ss=ss, eps=1e-5).float()
-    base = graph_us(calls(skinny.GATE_UP))
-    out = {"copy_tb_per_s": round(copy_tbps(), 3), "per tile (GATE_UP)": {"us": round(base, 2),
-                                                                          "tb_per_s": round(gb / base * 1e3, 3)},
-           "stream": []}
-    print("gate_up per tile", out["per tile (GATE_UP)"], flush=True)
-    sms = torch.cuda.get_device_properties(dev).multi_processor_count
-    for programs, (bn, bk, stages, warps) in itertools.product(
-            (sms * 2 // 3, sms), ((64, 128, 4, 4), (32, 128, 6, 4), (32, 256, 3, 4), (64, 64, 8, 4), (64, 128, 3, 8),
-                                  (128, 64, 4, 8))):
-        tiles = skinny.Tiles(bn, bk, stages, warps, programs=programs)
-        row = {"programs": programs, "tiles": [bn, bk, stages, warps]}
-        try:
-            got = skinny.gate_up(x, *ws[0], tiles, ss=ss, eps=1e-5).float()
-            row["rel_err"] = round(((got - ref).norm() / ref.norm()).item(), 6)
-            us = graph_us(calls(tiles))
-            row |= {"us": round(us, 2), "tb_per_s": round(gb / us * 1e3, 3)}
-        except Exception as e:  # noqa: BLE001 (out of resources, a compile error: record and go on)
-            row["error"] = f"{type(e).__name__}: {str(e)[:160]}"
-        out["stream"].append(row)
-        print(row, flush=True)
-    if skinny.pdl_supported(dev):
-        best = sorted((r for r in out["stream"] if "us" in r), key=lambda r: r["us"])[:3]
-        pdl = {"per tile (GATE_UP)": round(graph_us(calls(skinny.GATE_UP._replace(prefetch=skinny.PREFETCH), True)), 2)}
-        for r in best:
-            tiles = skinny.Tiles(*r["tiles"], programs=r["programs"], prefetch=skinny.PREFETCH)
-            pdl[f"stream {r['programs']} {r['tiles']}"] = round(graph_us(calls(tiles, True)), 2)
-        out["pdl_us"] = pdl
-        print("pdl", pdl, flush=True)
-    return out
-
-
 def tma_section(rows: int, layers: int, dev) -> dict:
     """skinny's kernels against the same GEMMs with TMA loads, at the text GEMMs' shapes (us per call over `layers`
     distinct weights, TB/s of weight read), each checked against cuBLAS."""
@@ -1191,7 +1148,6 @@ def main() -> None:
         "partition": lambda: partition_section(args.rows, args.layers, dev),
         "hold": lambda: hold_section(args.rows, args.layers, dev),
         "tma": lambda: tma_section(args.rows, args.layers, dev),
-        "gate-up-stream": lambda: gate_up_stream_section(args.rows, args.layers, dev),
         "w1": lambda: w1_section(dev),
         "w1-persistent": lambda: w1_section(dev, persistent=True),
         "tunable": lambda: tunable_section(dev),

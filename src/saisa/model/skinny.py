@@ -34,7 +34,6 @@ class Tiles(NamedTuple):
     warps: int = 4
     split_k: int = 1
     prefetch: int = 0  # launched as a programmatic dependent: 128-byte lines per weight row sent to L2 before waiting
-    programs: int = 0  # gate_up only: 0, a program per output tile; P > 0, P persistent programs with TMA loads
 
 
 DEFAULT = Tiles()
@@ -167,36 +166,6 @@ def kernels():
         _silu_mul_store(gate, up, y_ptr, ss_ptr, offs_m, offs_n, M, K, stride_ym, eps, SCALE)
 
     @triton.jit
-    def gate_up_stream_kernel(x_desc, wg_desc, wu_desc, wg_ptr, wu_ptr, y_ptr, ss_ptr, M, N, K, stride_wn, stride_ym,
-                              eps, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                              SCALE: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr, STAGES: tl.constexpr):
-        """gate_up_kernel as persistent programs: program p takes output tiles p, p + P, ... in ONE loop over
-        (tile, K step), loading by TMA, so its pipeline stays full from one tile into the next."""
-        if PDL:
-            if PREFETCH > 0:  # the first tile's rows: tile p, as _prefetch_rows assumes
-                _prefetch_rows(wg_ptr, 0, stride_wn, BLOCK_N, PREFETCH)
-                _prefetch_rows(wu_ptr, 0, stride_wn, BLOCK_N, PREFETCH)
-            dependent_start()
-        pid = tl.program_id(0)
-        progs = tl.num_programs(0)
-        k_steps = K // BLOCK_K
-        mine = (N // BLOCK_N - pid + progs - 1) // progs
-        offs_m = tl.arange(0, BLOCK_M)
-        gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for i in tl.range(0, mine * k_steps, num_stages=STAGES):
-            ki = i % k_steps
-            n0 = (pid + (i // k_steps) * progs) * BLOCK_N
-            x = x_desc.load([0, ki * BLOCK_K])
-            gate = tl.dot(x, wg_desc.load([n0, ki * BLOCK_K]).T, gate)
-            up = tl.dot(x, wu_desc.load([n0, ki * BLOCK_K]).T, up)
-            if ki == k_steps - 1:
-                _silu_mul_store(gate, up, y_ptr, ss_ptr, offs_m, n0 + tl.arange(0, BLOCK_N), M, K, stride_ym, eps,
-                                SCALE)
-                gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-
-    @triton.jit
     def linear_residual_kernel(x_ptr, w_ptr, res_ptr, out_ptr, rows_ptr, ln_ptr, xln_ptr, ss_ptr, M, K, T,
                                stride_xm, stride_wn, stride_rb, stride_rt, stride_ob, stride_ot, stride_wb, stride_wt,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -236,7 +205,7 @@ def kernels():
             tl.store(out_ptr + offs_r, tl.rsqrt(tl.sum(v * v, 1) / H + eps), mask=rmask)
 
     return _Kernels(triton, linear_kernel, gate_up_kernel, linear_residual_kernel, _rstd, dependent_start,
-                    rows_rstd_kernel, gate_up_stream_kernel)
+                    rows_rstd_kernel)
 
 
 class _Kernels(NamedTuple):
@@ -247,7 +216,6 @@ class _Kernels(NamedTuple):
     rstd: object  # @triton.jit helpers other kernels call (text_attention's)
     dependent_start: object
     rows_rstd: object
-    gate_up_stream: object
 
 
 def pdl_supported(device: torch.device) -> bool:
@@ -340,8 +308,7 @@ def gate_up(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, tiles: Tiles = 
             ss: torch.Tensor | None = None, eps: float = 0.0, pdl: bool = False) -> torch.Tensor:
     """SiLU(x wg^T) * (x wu^T), (..., K) -> (..., N), in one kernel (split_k is ignored). ss: the partial sums of
     squares `linear_residual` returned with x = its rows times the norm's weight: x is then divided by the rows'
-    RMS (eps as the norm's) first, so the norm costs no kernel of its own. pdl: as `linear`'s. tiles.programs > 0:
-    that many persistent programs (at most one per output tile) loading by TMA (x's rows 16-byte aligned)."""
+    RMS (eps as the norm's) first, so the norm costs no kernel of its own. pdl: as `linear`'s."""
     triton, kernel = kernels().triton, kernels().gate_up
     x2 = _rows(x)
     m, k = x2.shape
@@ -349,18 +316,6 @@ def gate_up(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, tiles: Tiles = 
     y = x.new_empty(m, n)
     if ss is not None:
         check_sums(ss, m)
-    if tiles.programs:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
-        block_m = max(16, triton.next_power_of_2(m))
-        descs = [TensorDescriptor.from_tensor(t, [rows, tiles.block_k])
-                 for t, rows in ((x2, block_m), (wg, tiles.block_n), (wu, tiles.block_n))]
-        kernels().gate_up_stream[(min(tiles.programs, n // tiles.block_n),)](
-            *descs, wg, wu, y, y if ss is None else ss, m, n, k, wg.stride(0), y.stride(0), eps, BLOCK_M=block_m,
-            BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, SCALE=ss is not None, STAGES=tiles.stages,
-            **_launch(tiles, x, pdl),
-        )
-        return y.view(*x.shape[:-1], n)
     kernel[(n // tiles.block_n,)](
         x2, wg, wu, y, y if ss is None else ss, m, k, x2.stride(0), wg.stride(0), y.stride(0), eps,
         BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
