@@ -94,8 +94,8 @@ class GraphedForward:
             # Captured on a high-priority stream: the text layers (memory-bound) are then scheduled ahead of the
             # visual path when it runs on the model's side stream (compute-bound), so the two can share the SMs.
             # One more warm-up on that stream first, so that its first GEMMs (where torch sets up a stream's BLAS
-            # workspace) run outside the capture. A tiny llava graph once failed inside the capture, in a cuBLASLt
-            # batched GEMM on an H100 (the cause was not confirmed; the run before and after passed).
+            # workspace) run outside the capture. (A tiny llava graph once failed inside the capture, in a cuBLASLt
+            # batched GEMM on an H100, with the error a collection during a capture gives: see `capturing`.)
             capture = torch.cuda.Stream(device, priority=-1)
             on_side_stream(self._run, capture)
             with capturing(self.graph, capture):
