@@ -5,20 +5,20 @@ none is found in L2), and is timed per call; each candidate is checked against t
 Sections: "gemms", every tiling of saisa.model.skinny's kernels at the text GEMMs' shapes against cuBLAS (and the
 device-to-device copy bandwidth); "attention", q_proj + RoPE + attention, the compiled reference against
 saisa.model.text_attention's kernels in several settings ("attention-ncu": a few launches of them, to run under
-Nsight Compute); "residual", o_proj and down_proj as skinny.linear_residual in every tiling against cuBLAS plus
-the residual add and norm it replaces; "grouped", q_proj in the k/v GEMM's launch (torch._grouped_mm); "coresident",
-the visual GEMMs on a side stream inside the FFN kernel's SMs; "overlap", the per-layer projector MLPs on a
-low-priority side stream beside a whole text layer's GEMMs; "carveout", q_proj on a side stream beside the k/v GEMM,
-which cuBLASLt is told to leave SMs free for; "prefetch", whether an L2 prefetch of W_q issued before the k/v GEMM
-hides q_proj's weight reads; "pdl", whole skinny text layers with their kernels launched in turn against
-programmatic dependent launches that prefetch weight lines before waiting; "partition", the visual path (projector
-and visual k/v GEMMs) beside a text chain with no compute-bound GEMM, on plain streams or CUDA green contexts;
-"hold", W_q or W_o bulk-prefetched to L2 (evict_last) on a side stream during the k/v GEMM; "tma", skinny's
-GEMMs with TMA descriptor loads; "w1", the projectors' first GEMM with its bias and exact GELU as one Triton GEMM
-("w1-persistent": also persistent, with and without warp specialisation); "tunable", torch's TunableOp on the
-compute-bound GEMMs. Prints tables; JSON to --out (rewritten after each part). (A "gate-up-stream" section,
-skinny.gate_up as persistent TMA programs, is in commit 14e868b with the kernel; its results are
-skinny-gate-up-stream-h100-t64.json.)
+Nsight Compute; "skinny-ncu": one of each text GEMM kernel, likewise); "residual", o_proj and down_proj as
+skinny.linear_residual in every tiling against cuBLAS plus the residual add and norm it replaces; "grouped", q_proj
+in the k/v GEMM's launch (torch._grouped_mm); "coresident", the visual GEMMs on a side stream inside the FFN
+kernel's SMs; "overlap", the per-layer projector MLPs on a low-priority side stream beside a whole text layer's
+GEMMs; "carveout", q_proj on a side stream beside the k/v GEMM, which cuBLASLt is told to leave SMs free for;
+"prefetch", whether an L2 prefetch of W_q issued before the k/v GEMM hides q_proj's weight reads; "pdl", whole
+skinny text layers with their kernels launched in turn against programmatic dependent launches that prefetch weight
+lines before waiting; "partition", the visual path (projector and visual k/v GEMMs) beside a text chain with no
+compute-bound GEMM, on plain streams or CUDA green contexts; "hold", W_q or W_o bulk-prefetched to L2 (evict_last)
+on a side stream during the k/v GEMM; "tma", skinny's GEMMs with TMA descriptor loads; "w1", the projectors' first
+GEMM with its bias and exact GELU as one Triton GEMM ("w1-persistent": also persistent, with and without warp
+specialisation); "tunable", torch's TunableOp on the compute-bound GEMMs. Prints tables; JSON to --out (rewritten
+after each part). (A "gate-up-stream" section, skinny.gate_up as persistent TMA programs, is in commit 14e868b with
+the kernel; its results are skinny-gate-up-stream-h100-t64.json.)
 
     PYTHONPATH=src python3 scripts/profile_skinny.py --out $OUT/skinny.json --sections gemms --quick
     PYTHONPATH=src python3 scripts/profile_skinny.py --out $OUT/attention.json --sections attention
@@ -292,6 +292,22 @@ def attention_ncu(dev) -> None:
     bias = torch.zeros(1, 1, t, sv + t, device=dev, dtype=torch.bfloat16)
     for _ in range(3):
         text_attention(q, kv, cos, sin, bias, d, half_table=True)
+    torch.cuda.synchronize()
+
+
+def skinny_ncu(dev, rows: int) -> None:
+    """One launch of each of the skinny step's text GEMMs at Vicuna-7B's shapes, as the step runs them (q_proj
+    skinny.linear, o_proj and down_proj skinny.linear_residual, gate_up dividing by the rows' RMS), to run under
+    Nsight Compute."""
+    bf = {"device": dev, "dtype": torch.bfloat16}
+    h, f = 4096, 11008
+    x, hidden, ln = torch.randn(1, rows, h, **bf), torch.randn(1, rows, h, **bf), torch.ones(h, **bf)
+    wq, wo, wg, wu = (torch.randn(n, h, **bf) * h**-0.5 for n in (h, h, f, f))
+    wd = torch.randn(h, f, **bf) * f**-0.5
+    q = skinny.linear(x, wq, skinny.RESIDUAL)
+    out, x_ln, ss = skinny.linear_residual(q, wo, hidden, ln, tiles=skinny.RESIDUAL)
+    inner = skinny.gate_up(x_ln, wg, wu, skinny.GATE_UP, ss=ss, eps=1e-5)
+    skinny.linear_residual(inner, wd, out, ln, tiles=skinny.RESIDUAL)
     torch.cuda.synchronize()
 
 
@@ -1134,6 +1150,9 @@ def main() -> None:
     sections = args.sections.split(",")
     if "attention-ncu" in sections:
         attention_ncu(dev)
+        return
+    if "skinny-ncu" in sections:
+        skinny_ncu(dev, args.rows)
         return
     runs = {  # section -> what it measures, in the order they run; the JSON is rewritten after each
         "attention": lambda: attention_section(args.layers, dev),
