@@ -25,9 +25,10 @@ import itertools
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
-from profile_skinny import copy_tbps, graph_us
+from profile_skinny import copy_tbps, graph_us, on
 
 from saisa.bench.power import PowerTrace
 from saisa.model import skinny
@@ -82,17 +83,6 @@ def tilings(k: int):
     for bn, bk, stages in itertools.product((32, 64, 128), (64, 128, 256), (3, 4, 6, 8)):
         if (64 + bn) * bk * 2 * stages <= SMEM and k % bk == 0:
             yield bn, bk, stages
-
-
-def on(stream, fn):
-    """A thunk: fn's work on `stream`, joined to the current stream before and after."""
-    def go():
-        cur = torch.cuda.current_stream()
-        stream.wait_stream(cur)
-        with torch.cuda.stream(stream):
-            fn()
-        cur.wait_stream(stream)
-    return go
 
 
 def both(text_stream, text_fn, vis_stream, vis_fn):
@@ -182,21 +172,27 @@ def narrow_section(dev, rows: int, layers: int, programs: list[int]) -> dict:
     return out
 
 
-def overlap_section(dev, rows: int, layers: int, best: dict, programs: list[int], sv: int = 576) -> dict:
-    """best: {shape name: {str(G): [bn, bk, stages]}} from the narrow section."""
-    run = stream_kernel()
+def layer_tensors(dev, rows: int, layers: int, shapes: dict, sv: int, kv_rows: int) -> SimpleNamespace:
+    """`layers` layers' distinct text weights of `shapes` ({name: (N, K)}) and visual W2 and k/v weights, the text
+    GEMMs' inputs and outputs by name, the visual rows (hv), W2's output (xv), and a k/v output of kv_rows rows with
+    an input (kv_in) of as many."""
     h = 4096
     bf = {"device": dev, "dtype": torch.bfloat16}
     mk = lambda n, k: torch.randn(n, k, **bf) * k**-0.5
-    text = [{name: mk(*shape) for name, shape in SHAPES.items()} for _ in range(layers)]
-    w2 = [mk(h, h) for _ in range(layers)]
-    wkv = [mk(2 * h, h) for _ in range(layers)]
-    xs = {name: torch.randn(rows, k, **bf) for name, (_, k) in SHAPES.items()}
-    ys = {name: torch.empty(rows, n, **bf) for name, (n, _) in SHAPES.items()}
-    hv = torch.randn(sv, h, **bf)
-    xv = torch.empty(sv, h, **bf)
-    kv = torch.empty(sv + rows, 2 * h, **bf)
-    kv_in = torch.randn(sv + rows, h, **bf)
+    return SimpleNamespace(
+        text=[{name: mk(*shape) for name, shape in shapes.items()} for _ in range(layers)],
+        w2=[mk(h, h) for _ in range(layers)], wkv=[mk(2 * h, h) for _ in range(layers)],
+        xs={name: torch.randn(rows, k, **bf) for name, (_, k) in shapes.items()},
+        ys={name: torch.empty(rows, n, **bf) for name, (n, _) in shapes.items()},
+        hv=torch.randn(sv, h, **bf), xv=torch.empty(sv, h, **bf), kv=torch.empty(kv_rows, 2 * h, **bf),
+        kv_in=torch.randn(kv_rows, h, **bf))
+
+
+def overlap_section(dev, rows: int, layers: int, best: dict, programs: list[int], sv: int = 576) -> dict:
+    """best: {shape name: {str(G): [bn, bk, stages]}} from the narrow section."""
+    run = stream_kernel()
+    t = layer_tensors(dev, rows, layers, SHAPES, sv, sv + rows)
+    text, xs, ys = t.text, t.xs, t.ys
     high = torch.cuda.Stream(dev, priority=-5)
     low = torch.cuda.Stream(dev, priority=0)
     order = ["q_proj / o_proj", "q_proj / o_proj", "gate_proj + up_proj", "down_proj"]
@@ -211,7 +207,7 @@ def overlap_section(dev, rows: int, layers: int, best: dict, programs: list[int]
                     run(xs[name], w[name], ys[name], g, *best[name][str(g)])
 
     def visual_chain(carve):
-        visual_gemms(hv, w2, xv, kv_in, wkv, kv, carve)
+        visual_gemms(t.hv, t.w2, t.xv, t.kv_in, t.wkv, t.kv, carve)
 
     out = {"us_per_layer": {}, "errors": {}}
     runs = {"text, skinny, all SMs": on(high, lambda: text_chain(None)),
@@ -280,22 +276,14 @@ def partition_section(dev, rows: int, layers: int, splits: list[int], sv: int = 
     over the visual rows; cuBLASLt, with or without a carveout of n SMs) on a green context of the other SMs."""
     run = stream_kernel()
     h = 4096
-    bf = {"device": dev, "dtype": torch.bfloat16}
-    mk = lambda n, k: torch.randn(n, k, **bf) * k**-0.5
     shapes = {"q + text k/v": (3 * h, h), "o_proj": (h, h), "gate_proj + up_proj": (22016, h),
               "down_proj": (h, 11008)}
-    text = [{name: mk(*shape) for name, shape in shapes.items()} for _ in range(layers)]
-    w2 = [mk(h, h) for _ in range(layers)]
-    wkv = [mk(2 * h, h) for _ in range(layers)]
-    xs = {name: torch.randn(rows, k, **bf) for name, (_, k) in shapes.items()}
-    ys = {name: torch.empty(rows, n, **bf) for name, (n, _) in shapes.items()}
-    hv = torch.randn(sv, h, **bf)
-    xv = torch.empty(sv, h, **bf)
-    kv = torch.empty(sv, 2 * h, **bf)
+    t = layer_tensors(dev, rows, layers, shapes, sv, sv)
+    text, xs, ys = t.text, t.xs, t.ys
     out = {}
 
-    def visual_chain(carve):
-        visual_gemms(hv, w2, xv, xv, wkv, kv, carve)
+    def visual_chain(carve):  # the k/v GEMM reads W2's output, as in the model
+        visual_gemms(t.hv, t.w2, t.xv, t.xv, t.wkv, t.kv, carve)
 
     def split(n):
         part = Partition(n, dev.index or 0)

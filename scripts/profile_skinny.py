@@ -76,6 +76,17 @@ def graph_us(calls, reps: int = 30, stream: torch.cuda.Stream | None = None) -> 
     return statistics.median(times)
 
 
+def on(stream, fn):
+    """A thunk: fn's work on `stream`, joined to the current stream before and after."""
+    def go():
+        cur = torch.cuda.current_stream()
+        stream.wait_stream(cur)
+        with torch.cuda.stream(stream):
+            fn()
+        cur.wait_stream(stream)
+    return go
+
+
 @functools.cache
 def plain_mm():
     """A plain Triton GEMM C = A B^T (bf16 out; gelu: exact GELU on the way out) with no pipelining tricks: blocks
@@ -745,25 +756,16 @@ def partition_section(rows: int, layers: int, dev, sv: int = 576, d: int = 1024)
             cur.wait_stream(vis_stream)
         return run
 
-    def alone(chain, stream):
-        def run():
-            cur = torch.cuda.current_stream()
-            stream.wait_stream(cur)
-            with torch.cuda.stream(stream):
-                chain()
-            cur.wait_stream(stream)
-        return run
-
     out = {"copy_tb_per_s": round(copy_tbps(), 3), "sms": torch.cuda.get_device_properties(dev).multi_processor_count,
            "us_per_layer": {}, "errors": {}}
-    runs = {"text alone": alone(lambda: text_chain(False), high),
-            "visual alone": alone(lambda: visual_chain(False), low),
+    runs = {"text alone": on(high, lambda: text_chain(False)),
+            "visual alone": on(low, lambda: visual_chain(False)),
             "serial (visual, then text)": lambda: (visual_chain(False), text_chain(False)),
             "both, plain streams (text high priority)": both(high, low)}
     for n in (44, 66, 88):
         g = green(n)
-        runs[f"text alone, green {n}"] = alone(lambda: text_chain(False), g)
-        runs[f"visual alone, green {n}"] = alone(lambda: visual_chain(False), g)
+        runs[f"text alone, green {n}"] = on(g, lambda: text_chain(False))
+        runs[f"visual alone, green {n}"] = on(g, lambda: visual_chain(False))
         runs[f"both, visual green {n}, text all SMs"] = both(high, g)
         runs[f"both, text green {n}, visual all SMs"] = both(g, low)
     for name, run in runs.items():

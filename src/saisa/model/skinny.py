@@ -126,20 +126,6 @@ def kernels():
         return tl.where(rows, tl.rsqrt(tl.load(ss_ptr + offs_m, mask=rows, other=0.0) * inv_n + eps), 1.0)
 
     @triton.jit
-    def _silu_mul_store(gate, up, y_ptr, ss_ptr, offs_m, offs_n, M, K, stride_ym, eps, SCALE: tl.constexpr):
-        """gate_up's epilogue: with SCALE, divide by the rows' RMS (x was the norm's weight times the rows, not yet
-        divided); then, rounded as the reference rounds them, gate and up to the output dtype, SiLU in fp32, the
-        product rounded once more, stored at rows offs_m, columns offs_n."""
-        rows = offs_m < M
-        if SCALE:
-            rstd = _rstd(ss_ptr, offs_m, rows, 1.0 / K, eps)[:, None]
-            gate, up = gate * rstd, up * rstd
-        dtype = y_ptr.dtype.element_ty
-        g = gate.to(dtype).to(tl.float32)
-        h = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32) * up.to(dtype).to(tl.float32)
-        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], h.to(dtype), mask=rows[:, None])
-
-    @triton.jit
     def gate_up_kernel(x_ptr, wg_ptr, wu_ptr, y_ptr, ss_ptr, M, K, stride_xm, stride_wn, stride_ym, eps,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE: tl.constexpr,
                        PDL: tl.constexpr, PREFETCH: tl.constexpr):
@@ -163,7 +149,14 @@ def kernels():
             up = tl.dot(x, tl.trans(tl.load(wu_ptr + w_off)), up)
             x_ptrs += BLOCK_K
             w_off += BLOCK_K
-        _silu_mul_store(gate, up, y_ptr, ss_ptr, offs_m, offs_n, M, K, stride_ym, eps, SCALE)
+        if SCALE:  # x is the norm's weight times the rows, not yet divided by their RMS: do it here
+            rstd = _rstd(ss_ptr, offs_m, offs_m < M, 1.0 / K, eps)[:, None]
+            gate, up = gate * rstd, up * rstd
+        # As the reference rounds them: gate and up to the output dtype, SiLU in fp32, the product rounded once more.
+        dtype = y_ptr.dtype.element_ty
+        g = gate.to(dtype).to(tl.float32)
+        h = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32) * up.to(dtype).to(tl.float32)
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], h.to(dtype), mask=rows)
 
     @triton.jit
     def linear_residual_kernel(x_ptr, w_ptr, res_ptr, out_ptr, rows_ptr, ln_ptr, xln_ptr, ss_ptr, M, K, T,
