@@ -258,6 +258,9 @@ def test_text_attention_matches_the_reference(b, t, sv, hq, hkv, d, text_first):
         assert torch.isfinite(out).all(), setting
         assert _rel(out, ref) < 1e-2, setting
     assert _rel(torch.ops.saisa.text_attention(q, kv, cos, sin, bias, d, True), ref) < 1e-2
+    # kv_dead: the merge drops kv's L2 lines unwritten; the result is the same, bit for bit
+    base = text_attention.text_attention(q, kv, cos, sin, bias, d, split=3)
+    assert torch.equal(text_attention.text_attention(q, kv.clone(), cos, sin, bias, d, split=3, kv_dead=True), base)
     with pytest.raises(ValueError, match="block_m"):
         text_attention.text_attention(q, kv, cos, sin, bias, d, block_m=24)
 

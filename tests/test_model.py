@@ -583,6 +583,19 @@ def test_text_attention_rejects_what_it_cannot_run():
     assert not text_attention.halves_equal(torch.arange(4.0), torch.zeros(4))
 
 
+def test_only_whole_lines_of_a_dead_tensor_are_discarded():
+    """text_attention's kv_dead drops whole 128-byte L2 lines only: none of a tensor that does not start on a line
+    or is not contiguous (a line shared with a live neighbour must keep its data)."""
+    from saisa.model.text_attention import _whole_lines
+
+    buf = torch.empty(4096, dtype=torch.bfloat16)
+    start = next(o for o in range(64) if buf[o:].data_ptr() % 128 == 0)
+    assert _whole_lines(buf[start:start + 640]) == 10
+    assert _whole_lines(buf[start:start + 650]) == 10, "the partial last line stays"
+    assert _whole_lines(buf[start + 1:start + 641]) == 0
+    assert _whole_lines(buf[start:start + 1280].view(64, 20)[:, :10]) == 0
+
+
 def test_text_step_needs_room_for_the_text_rows():
     from saisa.model.fused import text_layer_step, text_layer_tensors
     from saisa.model.visual_kv import fold_kv_weights

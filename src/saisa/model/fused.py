@@ -190,7 +190,9 @@ def skinny_layer_step(
     division); attention adds their k/v bias and divides (text_attention's arguments of those names).
 
     beside: (fork, join), called after q_proj's launch and after the k/v GEMM's: work for a side stream that runs
-    beside the k/v GEMM and that attention waits for (modeling's rows' 1 / RMS)."""
+    beside the k/v GEMM and that attention waits for (modeling's rows' 1 / RMS).
+
+    The k/v GEMM's output is a temporary: attention drops it from L2 unwritten (text_attention's kv_dead)."""
     residual, gate_up = skinny.RESIDUAL._replace(prefetch=prefetch), skinny.GATE_UP._replace(prefetch=prefetch)
     q = skinny.linear(x_ln, w.wq, residual, pdl=True) if pdl else F.linear(x_ln, w.wq)
     if beside is not None:
@@ -200,7 +202,7 @@ def skinny_layer_step(
         beside[1]()
     attn = text_attention.text_attention(q, kv, cos, sin, attn_bias, head_dim, half_table=rope_half,
                                          row_sums=row_sums, row_dim=hidden.shape[-1], eps=eps, pdl=pdl,
-                                         vis_rstd=vis_rstd, kv_bias=kv_bias)
+                                         vis_rstd=vis_rstd, kv_bias=kv_bias, kv_dead=True)
     hidden, x_ln, row_sums = skinny.linear_residual(attn, w.wo, hidden, w.ln2, sums=sums[0], tiles=residual,
                                                     pdl=pdl)
     inner = skinny.gate_up(x_ln, w.wg, w.wu, gate_up, ss=row_sums, eps=eps, pdl=pdl)
