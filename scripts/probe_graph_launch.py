@@ -123,8 +123,10 @@ def main() -> None:
 
 
 def prefill() -> dict:
-    """The graphed t=64 prefill (bench setting): host time of replay() alone and of the bench's call (input copy +
-    replay), and the GPU time from an event before it to an event captured as the forward's first node."""
+    """The graphed t=64 prefill (bench setting): host time of replay() alone and of the bench's call (since session
+    17 the call writes the features' address into the graph's pinned slot, before it copied them into the static
+    buffer), and the GPU time from an event before it to an event captured as the forward's first node; then a copy
+    into the static buffer (the old call) and other forms of it before the replay."""
     from saisa.bench.setting import PRESETS
     from saisa.bench.systems import SAISA_SCHEDULES, build_ours, make_inputs
     from saisa.model.graphs import GraphedForward
@@ -139,7 +141,20 @@ def prefill() -> dict:
         graphed = GraphedForward(model, s.ids, None, s.features, logits_to_keep=1)
     model.__dict__.pop("forward_with_layout")
     graph, first = graphed.graph, marks[0]
+    static_shape = graphed.image_features.shape
     res = {"replay": launch_cost(graph.replay, first), "bench_call": launch_cost(lambda: graphed(s.features), first)}
+    # The call's steps before the replay, each alone (host us): where its time over replay() goes.
+    feats, read = s.features, graphed._read
+    res["call_steps_host_us"] = {
+        "read event synchronize": host_us(read.synchronize),
+        "read event query": host_us(read.query),
+        "shape/dtype/device checks": host_us(lambda: (feats.shape != static_shape, feats.dtype != graphed.image_features.dtype,
+                                                    feats.device != graphed.image_features.device)),
+        "contiguous + data_ptr + slot write": host_us(lambda: graphed._slot_word.__setitem__(0, feats.contiguous().data_ptr())),
+    }
+    graphed._read = _NoWait()
+    res["bench_call_without_the_event_wait"] = launch_cost(lambda: graphed(s.features), first)
+    graphed._read = read
     # The input copy before the replay, alone and in other forms (same bytes into the static buffer). The committed
     # graph-launch-h100.json labels the flat-view copy_ "clone-free index_copy_".
     src, static = s.features, graphed.image_features
@@ -155,6 +170,13 @@ def prefill() -> dict:
                      "to_first_node_us": both["to_first_node_us"]}
     print("prefill", json.dumps(res, indent=1), flush=True)
     return res
+
+
+class _NoWait:
+    """Stands in for GraphedForward's read event: a call that does not wait for the last replay's read."""
+
+    def synchronize(self) -> None:
+        pass
 
 
 if __name__ == "__main__":

@@ -83,6 +83,29 @@ def test_graphed_fast_path_matches_reference(arch, compile, attention):
     assert _rel(out2, out) > 1e-3, "replay must see the new image features"
 
 
+def test_graphed_forward_reads_the_features_where_they_are():
+    """The graph's first kernel reads the features from the address the call writes into a pinned word: calls queued
+    without a synchronize each see their own features (the last one's logits are left), the caller's tensor may go
+    at once, a non-contiguous one is read as its contiguous copy, and other shapes are refused."""
+    model = _model("saisa")
+    ids, feats = _prompt(model, seed=7)
+    others = [torch.randn_like(feats) for _ in range(3)]
+    strided = torch.randn(feats.shape[2], feats.shape[1], device="cuda", dtype=feats.dtype).t()[None]
+    with torch.no_grad():
+        refs = [model(input_ids=ids, image_features=f.contiguous()).logits[:, -1:].float() for f in [*others, strided]]
+        model.optimize_for_inference(compile=True)
+        graphed = GraphedForward(model, ids, image_features=feats)
+        assert graphed._slot is not None
+        for f in others:
+            graphed(f.clone())  # the clone may be freed and its memory reused once the call returns
+        out = graphed.logits.float().clone()
+        out_strided = graphed(strided).float().clone()
+        with pytest.raises(ValueError, match="do not match the captured ones"):
+            graphed(feats[:, :-1])
+    assert _rel(out, refs[2]) < 2e-2 and _rel(out, refs[1]) > 1e-3
+    assert _rel(out_strided, refs[3]) < 2e-2
+
+
 @pytest.mark.parametrize("chunk,overlap", [(None, False), (None, True), (1, True), ((1,), True), ((1, 2), True),
                                            ((4,), False)])
 def test_graphed_prefill_schedules_match_reference(chunk, overlap):

@@ -1,8 +1,12 @@
 """CUDA-graph capture of a fixed-shape prefill: every kernel launch of the forward replayed as one graph.
 
 Unusual here: the layout (positions, image slots, mask inputs) is built once on the host before capture, so the
-captured region has no host synchronisation; inputs are copied into static buffers before each replay. At batch 1
-the eager prefill is launch-bound (hundreds of small kernels per forward), and this is what removes that overhead.
+captured region has no host synchronisation. At batch 1 the eager prefill is launch-bound (hundreds of small kernels
+per forward), and this is what removes that overhead. New image features are not copied in before a replay: the
+graph's first kernel reads them from the address the call writes into a pinned host word (`read_from_slot`), so
+nothing is launched ahead of the graph: on H100 hosts a copy launched just before the t=64 prefill's graph put the
+forward's first node 42-158 us after the call's start, against 21-49 for the replay alone, and the prefill took
+8.060 against 8.109 ms (benchmarks/results/graph-launch-h100-s17-*.json, prefill-ab-h100/slot).
 The GEMMs are captured through cuBLASLt by default (torch's preferred BLAS library, set while capturing and put
 back after): at t=64 its kernels for the text GEMMs were faster than cuBLAS's (see BLAS). `capture_graph` is
 the plain warm-up-then-capture that the bench's HF graphs and the graphed training step (saisa.train.graphed) use.
@@ -88,6 +92,14 @@ class GraphedForward:
         # Bound to the static buffers, not to self: no reference cycle, so the graph goes when its owner drops it.
         self._run = functools.partial(model.forward_with_layout, self.input_ids, self.layout, self.image_features,
                                       None, logits_to_keep)
+        self._slot = self._read = self._held = None
+        if self.image_features is not None and slot_supported():
+            # The address of the features to read (first the static buffer's own), and an event after the read.
+            self._slot = torch.tensor([self.image_features.data_ptr()], dtype=torch.int64).pin_memory()
+            self._slot_word = self._slot.numpy()  # the same memory: written without a tensor op's overhead
+            self._read = torch.cuda.Event(external=True)
+            self._run = functools.partial(_then, functools.partial(read_from_slot, self._slot, self.image_features,
+                                                                   self._read), self._run)
         with preferred_blas(blas), torch.no_grad():
             on_side_stream(lambda: _repeat(self._run, warmup), torch.cuda.Stream(device))
             self.graph = torch.cuda.CUDAGraph()
@@ -102,13 +114,65 @@ class GraphedForward:
                 self.logits = self._run()
 
     def __call__(self, image_features: torch.Tensor | None = None, input_ids: torch.Tensor | None = None):
-        """Replay with new inputs of the captured shapes; returns the static logits buffer (copy it to keep it)."""
+        """Replay with new inputs of the captured shapes (None: the last ones); returns the static logits buffer
+        (copy it to keep it). The graph reads `image_features` where they are (kept alive here until the next call)."""
         if image_features is not None:
-            self.image_features.copy_(image_features, non_blocking=True)
+            static = self.image_features
+            if static is None or image_features.shape != static.shape or image_features.dtype != static.dtype or (
+                    image_features.device != static.device):
+                captured = "none" if static is None else f"{static.dtype} {tuple(static.shape)} on {static.device}"
+                raise ValueError(f"image_features {image_features.dtype} {tuple(image_features.shape)} on "
+                                 f"{image_features.device} do not match the captured ones ({captured}); capture a "
+                                 "GraphedForward for these features")
+            if self._slot is None:
+                static.copy_(image_features, non_blocking=True)
+            else:
+                self._read.synchronize()  # the last replay has read the slot (at once unless calls are queued)
+                self._held = image_features.contiguous()
+                self._slot_word[0] = self._held.data_ptr()
         if input_ids is not None:
             self.input_ids.copy_(input_ids, non_blocking=True)
         self.graph.replay()
         return self.logits
+
+
+def slot_supported() -> bool:
+    """Whether `read_from_slot` can run: CUDA and Triton."""
+    from .skinny import triton_modules
+
+    return torch.cuda.is_available() and triton_modules() is not None
+
+
+@functools.cache
+def _slot_kernel():
+    from .skinny import triton_modules
+
+    triton, tl = triton_modules()
+
+    @triton.jit
+    def read_kernel(slot_ptr, dst_ptr, n, BLOCK: tl.constexpr):
+        # .cv: fetch the host word again on every read, never a line an earlier replay left in L2
+        src = tl.load(slot_ptr, cache_modifier=".cv").to(tl.pointer_type(dst_ptr.dtype.element_ty))
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        keep = offs < n
+        tl.store(dst_ptr + offs, tl.load(src + offs, mask=keep), mask=keep)
+
+    return triton, read_kernel
+
+
+def read_from_slot(slot: torch.Tensor, dst: torch.Tensor, done: torch.cuda.Event, block: int = 4096) -> None:
+    """Copy into `dst` (contiguous, CUDA) as many elements of its dtype from the device address held in `slot` (a
+    pinned (1,) int64 CPU tensor, which the kernel reads through unified addressing when it runs), then record
+    `done`. Captured in a graph, the address is read at each replay: the host changes inputs by writing one word."""
+    triton, kernel = _slot_kernel()
+    n = dst.numel()
+    kernel[(triton.cdiv(n, block),)](slot, dst, n, BLOCK=block, num_warps=4)
+    done.record()
+
+
+def _then(first: Callable[[], Any], fn: Callable[[], Any]) -> Any:
+    first()
+    return fn()
 
 
 def _repeat(fn: Callable[[], Any], times: int) -> None:
