@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from . import skinny
+
 # torch's preferred BLAS library while a graph is captured (None: as set). On an H100 at t=64, cuBLASLt's kernels for
 # q/o/down_proj (one kernel each, no split-K reduction) made the prefill 8.485 against 8.588 ms with cuBLAS in
 # interleaved rounds (benchmarks/results/profile-prefill-h100-t64-lt.json, scripts/profile_prefill.py).
@@ -93,7 +95,7 @@ class GraphedForward:
         self._run = functools.partial(model.forward_with_layout, self.input_ids, self.layout, self.image_features,
                                       None, logits_to_keep)
         self._slot = self._read = self._held = None
-        if self.image_features is not None and slot_supported():
+        if self.image_features is not None and skinny.available():  # read_from_slot's kernel runs
             # The address of the features to read (first the static buffer's own), and an event after the read.
             self._slot = torch.tensor([self.image_features.data_ptr()], dtype=torch.int64).pin_memory()
             self._slot_word = self._slot.numpy()  # the same memory: written without a tensor op's overhead
@@ -136,18 +138,9 @@ class GraphedForward:
         return self.logits
 
 
-def slot_supported() -> bool:
-    """Whether `read_from_slot` can run: CUDA and Triton."""
-    from .skinny import triton_modules
-
-    return torch.cuda.is_available() and triton_modules() is not None
-
-
 @functools.cache
 def _slot_kernel():
-    from .skinny import triton_modules
-
-    triton, tl = triton_modules()
+    triton, tl = skinny.triton_modules()
 
     @triton.jit
     def read_kernel(slot_ptr, dst_ptr, n, BLOCK: tl.constexpr):
