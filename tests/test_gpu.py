@@ -288,6 +288,43 @@ def test_text_attention_matches_the_reference(b, t, sv, hq, hkv, d, text_first):
         text_attention.text_attention(q, kv, cos, sin, bias, d, block_m=24)
 
 
+def test_tiled_weights_give_the_same_bits():
+    """skinny's kernels reading weights laid out by skinny.tile (each program's blocks contiguous) compute bit for
+    bit what they compute from the (N, K) weights: the same blocks in the same order. linear (split-K too, and as
+    a programmatic dependent that prefetches), gate_up and linear_residual; a weight tiled for other blocks is
+    refused."""
+    torch.manual_seed(11)
+    b, t, h, f = 1, 37, 256, 512
+    x = torch.randn(b, t, h, device="cuda", dtype=torch.bfloat16)
+    wq = torch.randn(h, h, device="cuda", dtype=torch.bfloat16) * h**-0.5
+    wg, wu = (torch.randn(f, h, device="cuda", dtype=torch.bfloat16) * h**-0.5 for _ in range(2))
+    wd = torch.randn(h, f, device="cuda", dtype=torch.bfloat16) * f**-0.5
+    ln = torch.rand(h, device="cuda", dtype=torch.bfloat16) + 0.5
+    res = skinny.RESIDUAL
+    forms = [res, res._replace(split_k=2)]
+    if skinny.pdl_supported(x.device):
+        forms.append(res._replace(prefetch=4))
+    for tiles in forms:
+        pdl = tiles.prefetch > 0
+        tiled = skinny.tile(wq, tiles)
+        assert skinny.supported(x, tiled, tiles=tiles)
+        assert torch.equal(skinny.linear(x, tiled, tiles, pdl=pdl), skinny.linear(x, wq, tiles, pdl=pdl))
+    out, x_ln, ss = skinny.linear_residual(x, wq, x, ln, tiles=res)
+    out_t, x_ln_t, ss_t = skinny.linear_residual(x, skinny.tile(wq, res), x, ln, tiles=res)
+    assert torch.equal(out_t, out) and torch.equal(x_ln_t, x_ln)
+    assert_close(ss_t, ss, rtol=1e-5, atol=1e-4)  # fp32 atomics: the order programs finish in
+    inner = skinny.gate_up(x_ln, wg, wu, skinny.GATE_UP, ss=ss, eps=1e-5)
+    gate_up = skinny.GATE_UP
+    assert torch.equal(skinny.gate_up(x_ln, skinny.tile(wg, gate_up), skinny.tile(wu, gate_up), gate_up, ss=ss,
+                                      eps=1e-5), inner)
+    down, _, _ = skinny.linear_residual(inner, wd, out, tiles=res)
+    assert torch.equal(skinny.linear_residual(inner, skinny.tile(wd, res), out, tiles=res)[0], down)
+    with pytest.raises(ValueError, match="not \\(64, 128\\)"):
+        skinny.linear(x, skinny.tile(wq, res), res._replace(block_n=64))
+    with pytest.raises(ValueError, match="both be tiled"):
+        skinny.gate_up(x_ln, skinny.tile(wg, gate_up), wu, gate_up)
+
+
 def test_linear_residual_and_the_deferred_norm_match_aten():
     """skinny.linear_residual's epilogue (residual add, the rows times the next norm's weight, a copy into strided
     rows, partial sums of squares) and skinny.gate_up dividing by the RMS from those sums equal the reference:
@@ -386,12 +423,18 @@ def test_graphed_skinny_step_matches_compiled_and_reference(chunk, overlap):
     with torch.no_grad():
         ref = model(input_ids=ids, image_features=feats).logits[:, -1:].float()
         text_rows = torch.empty(1, ids.shape[1] - 1, 256, device="cuda", dtype=torch.bfloat16)
-        forms = {"compiled": {"step": "compiled"}, "skinny": {"step": "skinny", "pdl": False}}
+        forms = {"compiled": {"step": "compiled"}, "skinny": {"step": "skinny", "pdl": False},
+                 "skinny-untiled": {"step": "skinny", "pdl": False, "tile": False}}
         if skinny.pdl_supported(torch.device("cuda")):  # programmatic dependent launches: Hopper and later
             forms["skinny-pdl"] = {"step": "skinny", "pdl": True}
         for name, form in forms.items():
             model.optimize_for_inference(compile=True, chunk=chunk, overlap=overlap, **form)
             assert model._fused.step == form["step"] and model._fused.pdl == form.get("pdl", False)
+            tiled = form["step"] == "skinny" and form.get("tile", True)
+            assert (model._fused.skinny_layers is not None) == tiled, "auto: weights tiled for the skinny step"
+            if tiled:
+                assert model._fused.skinny_layers[0].wq.dim() == 4
+                assert skinny_supported(text_rows, model._fused.skinny_layers[0], 32), "the skinny step must serve"
             assert skinny_supported(text_rows, model._fused.layers[0], 32), "the skinny step must serve these rows"
             graphed = GraphedForward(model, ids, image_features=feats)
             outs[name] = graphed(feats).float().clone()
@@ -407,6 +450,7 @@ def test_graphed_skinny_step_matches_compiled_and_reference(chunk, overlap):
     for name in forms:
         assert _rel(outs[name], ref) < 2e-2
         assert _rel(outs[name], outs["compiled"]) < 2e-2
+    assert _rel(outs["skinny"], outs["skinny-untiled"]) < 5e-3, "tiling changes the layout, not the arithmetic"
 
 
 def test_rows_rstd_matches_the_compiled_one():

@@ -421,6 +421,10 @@ def test_compiled_fused_path_computes_the_same_function(backbone, sharing, atten
             model.optimize_for_inference(compile=True, compile_backend="eager", step="compiled", pdl=True)
         with pytest.raises(ValueError, match="needs attention and ffn 'triton'"):
             model.optimize_for_inference(compile=True, compile_backend="eager", attention="eager", step="skinny")
+        with pytest.raises(ValueError, match="tile must be"):
+            model.optimize_for_inference(compile=True, compile_backend="eager", tile="yes")
+        with pytest.raises(ValueError, match="tile=True .* needs step='skinny'"):
+            model.optimize_for_inference(compile=True, compile_backend="eager", step="compiled", tile=True)
         model.optimize_for_inference(compile=True, compile_backend="eager")
         assert model._fused is None or model._fused.step == "compiled"
         assert model._fused is None or model._fused.attention == "eager", "auto on the CPU: the eager form"
@@ -581,6 +585,26 @@ def test_text_attention_rejects_what_it_cannot_run():
         text_attention.text_attention(q, kv, cos, cos, bias[..., :9], 32)
     assert text_attention.halves_equal(torch.cat([cos, cos], -1), torch.zeros(1, 10, 64))
     assert not text_attention.halves_equal(torch.arange(4.0), torch.zeros(4))
+
+
+def test_tiled_weights_hold_each_programs_blocks_in_turn():
+    """skinny.tile lays W (N, K) out as (N / bn, K / bk, bn, bk): block (i, j) is W's rows i*bn.. and columns
+    j*bk.., contiguous, in K order within each row block; weight_shape reads (N, K) back; sizes that do not tile
+    are refused."""
+    from saisa.model import skinny
+
+    tiles = skinny.Tiles(block_n=4, block_k=8)
+    w = torch.arange(12 * 32, dtype=torch.float32).view(12, 32)
+    t = skinny.tile(w, tiles)
+    assert t.shape == (3, 4, 4, 8) and t.is_contiguous() and skinny.weight_shape(t) == (12, 32)
+    assert skinny.weight_shape(w) == (12, 32)
+    for i in range(3):
+        for j in range(4):
+            assert torch.equal(t[i, j], w[i * 4:(i + 1) * 4, j * 8:(j + 1) * 8])
+    assert torch.equal(t.flatten()[:64], torch.cat([w[:4, :8].flatten(), w[:4, 8:16].flatten()]))
+    assert skinny.tiles_evenly(w, tiles) and not skinny.tiles_evenly(w[:, :30], tiles)
+    with pytest.raises(ValueError, match="does not tile"):
+        skinny.tile(w[:, :30], tiles)
 
 
 def test_only_whole_lines_of_a_dead_tensor_are_discarded():

@@ -70,6 +70,20 @@ def text_layer_tensors(layer: nn.Module, wkv: torch.Tensor, bkv: torch.Tensor | 
     )
 
 
+TILED = ("wq", "wo", "wg", "wu", "wd")  # the TextLayer weights tiled_text_layer lays out for skinny's kernels
+
+
+def tiled_text_layer(w: TextLayer) -> TextLayer | None:
+    """`w` with copies of q/o_proj, gate/up_proj and down_proj's weights laid out as skinny's kernels read them
+    (skinny.tile, for the tiles skinny_layer_step runs them with: RESIDUAL and GATE_UP share block sizes); None
+    where one of them does not tile into those blocks."""
+    if skinny.RESIDUAL[:2] != skinny.GATE_UP[:2]:
+        raise ValueError("skinny.RESIDUAL and skinny.GATE_UP tile weights differently: tile each for its own")
+    if not all(skinny.tiles_evenly(getattr(w, n), skinny.RESIDUAL) for n in TILED):
+        return None
+    return w._replace(**{n: skinny.tile(getattr(w, n), skinny.RESIDUAL) for n in TILED})
+
+
 def rstd(x: torch.Tensor, eps: float) -> torch.Tensor:
     """1 / RMS of x's rows in fp32 (..., h) -> (...), as transformers' LlamaRMSNorm computes it."""
     return torch.rsqrt(x.float().pow(2).mean(-1) + eps)
@@ -148,7 +162,8 @@ def skinny_supported(hidden: torch.Tensor, w: TextLayer, head_dim: int) -> bool:
     rows = hidden.numel() // hidden.shape[-1]
     return (w.bq is None and w.bkv is None and text_attention.supported(hidden, w.wkv, head_dim)
             and skinny.supported(hidden, w.wg, w.wu, tiles=skinny.GATE_UP)
-            and all(skinny.fits(rows, w_.shape[1], hidden, w_, tiles=skinny.RESIDUAL) for w_ in (w.wq, w.wo, w.wd)))
+            and all(skinny.fits(rows, skinny.weight_shape(w_)[1], hidden, w_, tiles=skinny.RESIDUAL)
+                    for w_ in (w.wq, w.wo, w.wd)))
 
 
 def skinny_layer_step(
@@ -192,9 +207,12 @@ def skinny_layer_step(
     beside: (fork, join), called after q_proj's launch and after the k/v GEMM's: work for a side stream that runs
     beside the k/v GEMM and that attention waits for (modeling's rows' 1 / RMS).
 
-    The k/v GEMM's output is a temporary: attention drops it from L2 unwritten (text_attention's kv_dead)."""
+    The k/v GEMM's output is a temporary: attention drops it from L2 unwritten (text_attention's kv_dead).
+
+    `w`'s q/o_proj, gate/up_proj and down_proj weights may be laid out by skinny.tile (tiled_text_layer): the
+    kernels then read each program's blocks as contiguous pieces of memory."""
     residual, gate_up = skinny.RESIDUAL._replace(prefetch=prefetch), skinny.GATE_UP._replace(prefetch=prefetch)
-    q = skinny.linear(x_ln, w.wq, residual, pdl=True) if pdl else F.linear(x_ln, w.wq)
+    q = skinny.linear(x_ln, w.wq, residual, pdl=pdl) if pdl or w.wq.dim() == 4 else F.linear(x_ln, w.wq)
     if beside is not None:
         beside[0]()
     kv = F.linear(inputs, w.wkv)  # (B, Sv + T, 2k)

@@ -43,6 +43,7 @@ from .fused import (
     supports_fused,
     text_layer_step,
     text_layer_tensors,
+    tiled_text_layer,
     visual_inputs_chunk,
     visual_rows_chunk,
 )
@@ -107,6 +108,7 @@ class FusedPath:
     kv_bias: torch.Tensor | None = None  # (n, 2k) fp32: each layer's folded W_kv times its MLP's linear_2 bias
     b2: torch.Tensor | None = None  # (n, h): the MLPs' linear_2 biases, for the rows' 1 / RMS (_skinny_layers)
     rstd_stream: torch.cuda.Stream | None = None  # low priority: where the rows' 1 / RMS is made (_skinny_layers)
+    skinny_layers: list[TextLayer] | None = None  # the skinny step's tensors, weights tiled (None: `layers`)
 
 
 class SaisaPreTrainedModel(PreTrainedModel):
@@ -200,6 +202,7 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         step: str = "auto",
         pdl: bool | str = "auto",
         gelu: str = "auto",
+        tile: bool | str = "auto",
     ) -> None:
         """Speed up the saisa prefill without changing its function (inference only; `train()` undoes it).
 
@@ -244,7 +247,13 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         the first GEMM's epilogue on CUDA; any other activation keeps the reference path); "tanh": the tanh form
         for an erf-GELU projector too, an approximation (below bf16 rounding) that saves a pass over the
         activations.
+        tile: the skinny step reads copies of q/o_proj, gate/up_proj and down_proj's weights laid out in the order
+        its kernels read them (skinny.tile: each program's block at each K step one contiguous piece of memory);
+        costs one more copy of those weights (about 10.8 GB at Vicuna-7B's shapes). "auto": where the step is
+        "skinny".
         """
+        if tile not in (True, False, "auto"):
+            raise ValueError(f"tile must be True, False or 'auto', got {tile!r}")
         if attention not in ("auto", *ATTENTION):
             raise ValueError(f"unknown attention {attention!r}; choose from {('auto', *ATTENTION)}")
         if ffn not in ("auto", *FFN):
@@ -274,6 +283,11 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
             pdl = step == "skinny" and pdl_ok
         if pdl and step != "skinny":
             raise ValueError(f"pdl=True launches the skinny step's kernels: it needs step='skinny' (got {step!r})")
+        if tile == "auto":
+            tile = step == "skinny"
+        if tile and step != "skinny":
+            raise ValueError(f"tile=True lays weights out for the skinny step's kernels: it needs step='skinny' "
+                             f"(got {step!r})")
         if pdl and on_cuda and not pdl_ok:
             raise ValueError("pdl=True needs a Hopper or later GPU and a Triton with griddepcontrol "
                              "(skinny.pdl_supported)")
@@ -312,6 +326,9 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
                 pdl=pdl,
                 first=torch.compile(skinny_first_inputs, **options),
             )
+            if tile and on_cuda:
+                tiled = [tiled_text_layer(w) for w in self._fused.layers]
+                self._fused.skinny_layers = tiled if all(w is not None for w in tiled) else None
             proj = self.multi_modal_projector
             w2, b2 = projector_weights(proj, slice(0, len(self.layers)))[2:]
             if step == "skinny" and proj.num_mlps == len(self.layers) > 1 and w2 is not None and b2 is not None:
@@ -626,7 +643,8 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         if cols is not None:
             hidden = _columns(text_h, cols)
         stream = self._visual_stream if text_h.is_cuda else None
-        skinny_step = fused.step == "skinny" and skinny_supported(hidden, fused.layers[0], head_dim)
+        skinny_step = fused.step == "skinny" and skinny_supported(hidden, (fused.skinny_layers or fused.layers)[0],
+                                                                  head_dim)
         # One sample with one image: the skinny step reads the visual rows before linear_2's bias and the norm.
         rows = skinny_step and fused.rows is not None and features.shape[0] == 1 == hidden.shape[0] == \
             layout.image_slots.shape[1]
@@ -670,7 +688,7 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         few programs, on the SMs the GEMM's 128 tiles leave free on an H100), and attention waits for it: one
         0.058 ms pass over all layers' rows before the first layer less (8.162 against 8.203 ms at t=64 on an
         H100, benchmarks/results/prefill-ab-h100/rstd-beside)."""
-        layers, t = self._fused.layers, hidden.shape[1]
+        layers, t = self._fused.skinny_layers or self._fused.layers, hidden.shape[1]
         rstd: list = [None] * len(layers)
         if isinstance(inputs[0], tuple):  # fused.visual_rows_chunk's rows, with their 1 / RMS
             inputs, rstd = (list(x) for x in zip(*inputs, strict=True))

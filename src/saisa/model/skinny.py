@@ -12,7 +12,11 @@ one before's leave the SMs, send their first weight lines to L2 and wait for its
 the rows' sums of squares (fp32 atomics); `gate_up` then divides by the RMS (fused.skinny_layer_step). At o_proj
 it took 15.8 us against 16.7 for cuBLAS + the add and norm, at down_proj 39.7 against 40.0
 (skinny-residual-coresident-h100-t64.json, "residual"). Beside them, `rows_rstd`: a row norm in a few programs,
-to run next to a GEMM on the SMs it leaves free (modeling's visual rows). Triton is imported lazily: the
+to run next to a GEMM on the SMs it leaves free (modeling's visual rows). Every kernel also reads a weight laid
+out by `tile`, (N / block_n, K / block_k, block_n, block_k), where each program's block at each K step is one
+contiguous 8 KB piece instead of 32 rows' 256-byte pieces: on an H100, 14.12 against 14.49 us at q/o_proj's shape and
+35.03 against 37.65 at down_proj's (benchmarks/results/tiled-weights-h100.json); the skinny step reads such copies
+(fused.tiled_text_layer). Triton is imported lazily: the
 functions exist on every machine, and `supported` says when they can run (CUDA, Triton, shapes that tile).
 """
 
@@ -69,8 +73,18 @@ def kernels():
     triton, tl = triton_modules()
 
     @triton.jit
+    def _weight_block(w_ptr, pid, k0, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILED: tl.constexpr):
+        """Pointers to the (BLOCK_N, BLOCK_K) block of W at program `pid`'s rows and column k0, and the step to the
+        next block along K. TILED: W laid out as `tile` makes it (stride_wn is then K): the block is contiguous."""
+        if TILED:
+            return (w_ptr + (pid * stride_wn + k0) * BLOCK_N + tl.arange(0, BLOCK_N)[:, None] * BLOCK_K
+                    + tl.arange(0, BLOCK_K)[None, :]), BLOCK_N * BLOCK_K
+        return (w_ptr + (pid * BLOCK_N + tl.arange(0, BLOCK_N))[:, None] * stride_wn + k0
+                + tl.arange(0, BLOCK_K)[None, :]), BLOCK_K
+
+    @triton.jit
     def _rows_dot(x_ptr, w_ptr, M, k0, k_len, stride_xm, stride_wn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr):
+                  BLOCK_K: tl.constexpr, TILED: tl.constexpr):
         """x[:, k0:k0 + k_len] W[block, k0:k0 + k_len]^T in fp32 for this program's block of W's rows (all of x's
         rows): (acc (BLOCK_M, BLOCK_N), offs_m, offs_n)."""
         offs_m = tl.arange(0, BLOCK_M)
@@ -78,20 +92,23 @@ def kernels():
         offs_k = k0 + tl.arange(0, BLOCK_K)
         rows = offs_m[:, None] < M
         x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
-        w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :]
+        w_ptrs, w_step = _weight_block(w_ptr, tl.program_id(0), k0, stride_wn, BLOCK_N, BLOCK_K, TILED)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for _ in range(0, k_len, BLOCK_K):
             acc = tl.dot(tl.load(x_ptrs, mask=rows, other=0.0), tl.trans(tl.load(w_ptrs)), acc)
             x_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K
+            w_ptrs += w_step
         return acc, offs_m, offs_n
 
     @triton.jit
-    def _prefetch_rows(w_ptr, k0, stride_wn, BLOCK_N: tl.constexpr, LINES: tl.constexpr):
+    def _prefetch_rows(w_ptr, k0, stride_wn, BLOCK_N: tl.constexpr, LINES: tl.constexpr, TILED: tl.constexpr):
         """LINES lines of 64 elements (128 bytes of bf16/fp16) from column k0 of this program's BLOCK_N rows of W
-        sent to L2: PTX prefetch, no registers wait for them."""
-        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        ptrs = w_ptr + offs_n[:, None] * stride_wn + k0 + tl.arange(0, LINES)[None, :] * 64
+        sent to L2 (TILED: as many lines from where its blocks start): PTX prefetch, no registers wait for them."""
+        if TILED:
+            ptrs = w_ptr + (tl.program_id(0) * stride_wn + k0) * BLOCK_N + tl.arange(0, LINES * BLOCK_N) * 64
+        else:
+            offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+            ptrs = w_ptr + offs_n[:, None] * stride_wn + k0 + tl.arange(0, LINES)[None, :] * 64
         tl.inline_asm_elementwise("mov.u32 $0, 0;\n\tprefetch.global.L2 [$1];", "=r,l", [ptrs], dtype=tl.int32,
                                   is_pure=False, pack=1)
 
@@ -105,14 +122,14 @@ def kernels():
     @triton.jit
     def linear_kernel(x_ptr, w_ptr, y_ptr, M, K, stride_xm, stride_wn, stride_ym,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                      PDL: tl.constexpr, PREFETCH: tl.constexpr):
+                      PDL: tl.constexpr, PREFETCH: tl.constexpr, TILED: tl.constexpr):
         span = K // SPLIT_K
         if PDL:
             if PREFETCH > 0:
-                _prefetch_rows(w_ptr, tl.program_id(1) * span, stride_wn, BLOCK_N, PREFETCH)
+                _prefetch_rows(w_ptr, tl.program_id(1) * span, stride_wn, BLOCK_N, PREFETCH, TILED)
             dependent_start()
         acc, offs_m, offs_n = _rows_dot(x_ptr, w_ptr, M, tl.program_id(1) * span, span, stride_xm, stride_wn,
-                                        BLOCK_M, BLOCK_N, BLOCK_K)
+                                        BLOCK_M, BLOCK_N, BLOCK_K, TILED)
         rows = offs_m[:, None] < M
         y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
         if SPLIT_K == 1:
@@ -128,11 +145,11 @@ def kernels():
     @triton.jit
     def gate_up_kernel(x_ptr, wg_ptr, wu_ptr, y_ptr, ss_ptr, M, K, stride_xm, stride_wn, stride_ym, eps,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE: tl.constexpr,
-                       PDL: tl.constexpr, PREFETCH: tl.constexpr):
+                       PDL: tl.constexpr, PREFETCH: tl.constexpr, TILED: tl.constexpr):
         if PDL:
             if PREFETCH > 0:
-                _prefetch_rows(wg_ptr, 0, stride_wn, BLOCK_N, PREFETCH)
-                _prefetch_rows(wu_ptr, 0, stride_wn, BLOCK_N, PREFETCH)
+                _prefetch_rows(wg_ptr, 0, stride_wn, BLOCK_N, PREFETCH, TILED)
+                _prefetch_rows(wu_ptr, 0, stride_wn, BLOCK_N, PREFETCH, TILED)
             dependent_start()
         pid_n = tl.program_id(0)
         offs_m = tl.arange(0, BLOCK_M)
@@ -140,7 +157,7 @@ def kernels():
         offs_k = tl.arange(0, BLOCK_K)
         rows = offs_m[:, None] < M
         x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
-        w_off = offs_n[:, None] * stride_wn + offs_k[None, :]
+        w_off, w_step = _weight_block(0, pid_n, 0, stride_wn, BLOCK_N, BLOCK_K, TILED)  # offsets into both weights
         gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for _ in range(0, K, BLOCK_K):
@@ -148,7 +165,7 @@ def kernels():
             gate = tl.dot(x, tl.trans(tl.load(wg_ptr + w_off)), gate)
             up = tl.dot(x, tl.trans(tl.load(wu_ptr + w_off)), up)
             x_ptrs += BLOCK_K
-            w_off += BLOCK_K
+            w_off += w_step
         if SCALE:  # x is the norm's weight times the rows, not yet divided by their RMS: do it here
             rstd = _rstd(ss_ptr, offs_m, offs_m < M, 1.0 / K, eps)[:, None]
             gate, up = gate * rstd, up * rstd
@@ -162,12 +179,14 @@ def kernels():
     def linear_residual_kernel(x_ptr, w_ptr, res_ptr, out_ptr, rows_ptr, ln_ptr, xln_ptr, ss_ptr, M, K, T,
                                stride_xm, stride_wn, stride_rb, stride_rt, stride_ob, stride_ot, stride_wb, stride_wt,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                               ROWS: tl.constexpr, LN: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr):
+                               ROWS: tl.constexpr, LN: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
+                               TILED: tl.constexpr):
         if PDL:
             if PREFETCH > 0:
-                _prefetch_rows(w_ptr, 0, stride_wn, BLOCK_N, PREFETCH)
+                _prefetch_rows(w_ptr, 0, stride_wn, BLOCK_N, PREFETCH, TILED)
             dependent_start()
-        acc, offs_m, offs_n = _rows_dot(x_ptr, w_ptr, M, 0, K, stride_xm, stride_wn, BLOCK_M, BLOCK_N, BLOCK_K)
+        acc, offs_m, offs_n = _rows_dot(x_ptr, w_ptr, M, 0, K, stride_xm, stride_wn, BLOCK_M, BLOCK_N, BLOCK_K,
+                                        TILED)
         rows = offs_m[:, None] < M
         # As the reference rounds: the product to the output dtype, then the residual add, rounded once more.
         dtype = out_ptr.dtype.element_ty
@@ -237,6 +256,43 @@ def available() -> bool:
     return torch.cuda.is_available() and kernels() is not None
 
 
+def tile(w: torch.Tensor, tiles: Tiles = DEFAULT) -> torch.Tensor:
+    """W (N, K) as the kernels here read it, a copy: (N / block_n, K / block_k, block_n, block_k), contiguous, so
+    that each program's block at each K step is one contiguous piece of memory instead of block_n rows' pieces
+    (pass it wherever W would go; the same `tiles`' block_n and block_k then serve it)."""
+    n, k = w.shape
+    if not tiles_evenly(w, tiles):
+        raise ValueError(f"skinny.tile: W {tuple(w.shape)} does not tile into ({tiles.block_n}, {tiles.block_k}) "
+                         "blocks")
+    return w.view(n // tiles.block_n, tiles.block_n, k // tiles.block_k, tiles.block_k).transpose(1, 2).contiguous()
+
+
+def tiles_evenly(w: torch.Tensor, tiles: Tiles = DEFAULT) -> bool:
+    """Whether `tile` can lay W (N, K) out for these tiles."""
+    return w.dim() == 2 and w.shape[0] % tiles.block_n == 0 and w.shape[1] % tiles.block_k == 0
+
+
+def weight_shape(w: torch.Tensor) -> tuple[int, int]:
+    """(N, K) of a weight as given (N, K) or as `tile` lays it out."""
+    return (w.shape[0] * w.shape[2], w.shape[1] * w.shape[3]) if w.dim() == 4 else (w.shape[0], w.shape[1])
+
+
+def _tiled_for(w: torch.Tensor, tiles: Tiles) -> bool:
+    """Whether w is laid out by `tile` for these tiles (raise if it is tiled for others)."""
+    if w.dim() != 4:
+        return False
+    if w.shape[2:] != (tiles.block_n, tiles.block_k) or not w.is_contiguous():
+        raise ValueError(f"a tiled weight {tuple(w.shape)} serves kernels with blocks of ({w.shape[2]}, "
+                         f"{w.shape[3]}), not ({tiles.block_n}, {tiles.block_k}); tile it with these tiles")
+    return True
+
+
+def _weight_args(w: torch.Tensor, tiles: Tiles) -> dict:
+    """The row stride the kernels take (K for a tiled weight) and TILED."""
+    tiled = _tiled_for(w, tiles)
+    return {"stride": weight_shape(w)[1] if tiled else w.stride(0), "TILED": tiled}
+
+
 def supported(x: torch.Tensor, *weights: torch.Tensor, tiles: Tiles = DEFAULT) -> bool:
     """Whether the kernels can compute x W^T for these tensors: CUDA, Triton present, at most MAX_ROWS rows, every
     weight (N, K) contiguous with N a multiple of block_n and K of block_k * split_k, x's last dim K."""
@@ -247,10 +303,12 @@ def fits(rows: int, k: int, like: torch.Tensor, *weights: torch.Tensor, tiles: T
     """`supported` for an x of `rows` rows of width k, with the device and dtype of `like` (x need not exist)."""
     if not like.is_cuda or kernels() is None:
         return False
-    n = weights[0].shape[0]
-    return (rows <= MAX_ROWS and weights[0].shape[1] == k and n % tiles.block_n == 0
+    n = weight_shape(weights[0])[0]
+    return (rows <= MAX_ROWS and weight_shape(weights[0])[1] == k and n % tiles.block_n == 0
             and k % (tiles.block_k * tiles.split_k) == 0
-            and all(w.shape == (n, k) and w.is_contiguous() and w.dtype == like.dtype for w in weights))
+            and all(weight_shape(w) == (n, k) and w.is_contiguous() and w.dtype == like.dtype
+                    and w.dim() == weights[0].dim() and (w.dim() == 2 or w.shape[2:] == (tiles.block_n, tiles.block_k))
+                    for w in weights))
 
 
 def _launch(tiles: Tiles, x: torch.Tensor, pdl: bool) -> dict:
@@ -278,7 +336,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, tiles: Tiles = DEFAULT, pdl: bool =
     triton, kernel = kernels().triton, kernels().linear
     x2 = _rows(x)
     m, k = x2.shape
-    n = w.shape[0]
+    n = weight_shape(w)[0]
+    wa = _weight_args(w, tiles)
     block_m = max(16, triton.next_power_of_2(m))
     split = tiles.split_k
     if out is not None:
@@ -289,8 +348,9 @@ def linear(x: torch.Tensor, w: torch.Tensor, tiles: Tiles = DEFAULT, pdl: bool =
     else:
         y = torch.zeros(m, n, dtype=torch.float32, device=x.device) if split > 1 else x.new_empty(m, n)
     kernel[(n // tiles.block_n, split)](
-        x2, w, y, m, k, x2.stride(0), w.stride(0), y.stride(0),
-        BLOCK_M=block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, SPLIT_K=split, **_launch(tiles, x, pdl),
+        x2, w, y, m, k, x2.stride(0), wa["stride"], y.stride(0),
+        BLOCK_M=block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, SPLIT_K=split, TILED=wa["TILED"],
+        **_launch(tiles, x, pdl),
     )
     if out is not None:
         return out.view(*x.shape[:-1], n) if out.is_contiguous() else out
@@ -305,14 +365,17 @@ def gate_up(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, tiles: Tiles = 
     triton, kernel = kernels().triton, kernels().gate_up
     x2 = _rows(x)
     m, k = x2.shape
-    n = wg.shape[0]
+    n = weight_shape(wg)[0]
+    wa = _weight_args(wg, tiles)
+    if _tiled_for(wu, tiles) != wa["TILED"]:
+        raise ValueError("skinny.gate_up: wg and wu must both be tiled (skinny.tile) or both not")
     y = x.new_empty(m, n)
     if ss is not None:
         check_sums(ss, m)
     kernel[(n // tiles.block_n,)](
-        x2, wg, wu, y, y if ss is None else ss, m, k, x2.stride(0), wg.stride(0), y.stride(0), eps,
+        x2, wg, wu, y, y if ss is None else ss, m, k, x2.stride(0), wa["stride"], y.stride(0), eps,
         BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
-        SCALE=ss is not None, **_launch(tiles, x, pdl),
+        SCALE=ss is not None, TILED=wa["TILED"], **_launch(tiles, x, pdl),
     )
     return y.view(*x.shape[:-1], n)
 
@@ -342,7 +405,8 @@ def linear_residual(
     Check `supported` first."""
     triton, kernel = kernels().triton, kernels().linear_residual
     b, t, k = x.shape
-    n = w.shape[0]
+    n = weight_shape(w)[0]
+    wa = _weight_args(w, tiles)
     if residual.shape != (b, t, n) or (rows_out is not None and rows_out.shape != residual.shape) or (
             ln is not None and ln.shape != (n,)) or residual.stride(-1) != 1 or (
             rows_out is not None and rows_out.stride(-1) != 1):
@@ -361,10 +425,10 @@ def linear_residual(
     dest = rows_out if rows_out is not None else out
     kernel[(n // tiles.block_n,)](
         x2, w, residual, out, dest, out if ln is None else ln, out if xln is None else xln, ss, m, k, t,
-        x2.stride(0), w.stride(0), residual.stride(0), residual.stride(1), out.stride(0), out.stride(1),
+        x2.stride(0), wa["stride"], residual.stride(0), residual.stride(1), out.stride(0), out.stride(1),
         dest.stride(0), dest.stride(1),
         BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
-        ROWS=rows_out is not None, LN=ln is not None, **_launch(tiles, x, pdl),
+        ROWS=rows_out is not None, LN=ln is not None, TILED=wa["TILED"], **_launch(tiles, x, pdl),
     )
     return out, xln, ss
 
@@ -378,7 +442,7 @@ def gate_up_op(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor) -> torch.Ten
 
 @gate_up_op.register_fake
 def _(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(*x.shape[:-1], wg.shape[0])
+    return x.new_empty(*x.shape[:-1], weight_shape(wg)[0])
 
 
 def rows_rstd(rows: torch.Tensor, b: torch.Tensor, eps: float, out: torch.Tensor, programs: int = 16,
