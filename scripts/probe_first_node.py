@@ -1,8 +1,9 @@
 """Probe: from the bench's call to the t=64 prefill's first kernel, where do the 40-75 us go?
 
-Unusual here: GraphedForward's first node, graphs.read_from_slot, reads the features' address from pinned host memory
-in every one of its 288 programs (a `.cv` load through unified addressing), and session 17's probe put the forward's
-first kernel 39-49 us after the call's start event against 21 us with the old copy (graph-launch-h100-s17-*.json).
+Unusual here: in session 17, GraphedForward's first node, graphs.read_from_slot, read the features' address from
+pinned host memory in every one of its 288 programs (a `.cv` load through unified addressing), and that session's
+probe put the forward's first kernel 39-49 us after the call's start event against 21 us with the old copy
+(graph-launch-h100-s17-*.json). Since session 18 one program fetches the word and the copy reads it on the device.
 Section `slot` captures the prefill (bench setting, serial schedule) with events as the graph's first node, after
 the read and after the forward, for the committed read and other forms of it, and times calls as the bench does
 (synchronize, start event, call, end event) in interleaved rounds. Section `fork` asks whether side-stream branches
@@ -37,50 +38,35 @@ def _kernels():
     triton, tl = skinny.triton_modules()
 
     @triton.jit
-    def fetch_kernel(slot_ptr, word_ptr):
-        tl.store(word_ptr, tl.load(slot_ptr, cache_modifier=".cv"))  # one read of the host word
-
-    @triton.jit
-    def copy_kernel(word_ptr, dst_ptr, n, BLOCK: tl.constexpr):
-        src = tl.load(word_ptr).to(tl.pointer_type(dst_ptr.dtype.element_ty))
+    def per_program_kernel(slot_ptr, dst_ptr, n, BLOCK: tl.constexpr):
+        src = tl.load(slot_ptr, cache_modifier=".cv").to(tl.pointer_type(dst_ptr.dtype.element_ty))
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         keep = offs < n
         tl.store(dst_ptr + offs, tl.load(src + offs, mask=keep), mask=keep)
 
-    return triton, fetch_kernel, copy_kernel
+    _, fetch, copy = graphs._slot_kernels()
+    return triton, per_program_kernel, fetch, copy
 
 
-_words: dict = {}
-
-
-def _word(device) -> torch.Tensor:
-    if device not in _words:
-        _words[device] = torch.zeros(1, dtype=torch.int64, device=device)
-    return _words[device]
-
-
-def fetch_then_copy(slot, dst, done, block: int = 4096) -> None:
-    """One program reads the host word into a device word; the copy's programs read that."""
-    triton, fetch, copy = _kernels()
-    word = _word(dst.device)
-    fetch[(1,)](slot, word, num_warps=1)
-    copy[(triton.cdiv(dst.numel(), block),)](word, dst, dst.numel(), BLOCK=block, num_warps=4)
+def per_program_read(slot, dst, done, word=None, block: int = 4096) -> None:
+    """Session 17's read_from_slot: each of the copy's programs reads the host word itself."""
+    triton, per_program, _, _ = _kernels()
+    per_program[(triton.cdiv(dst.numel(), block),)](slot, dst, dst.numel(), BLOCK=block, num_warps=4)
     done.record()
 
 
-def memcpy_then_copy(slot, dst, done, block: int = 4096) -> None:
+def memcpy_then_copy(slot, dst, done, word, block: int = 4096) -> None:
     """The host word copied to the device by a memcpy node (pinned source), then the copy kernel."""
-    triton, _, copy = _kernels()
-    word = _word(dst.device)
+    triton, _, _, copy = _kernels()
     word.copy_(slot, non_blocking=True)
     copy[(triton.cdiv(dst.numel(), block),)](word, dst, dst.numel(), BLOCK=block, num_warps=4)
     done.record()
 
 
 READS = {
-    "committed (host word per program, 288 programs)": graphs.read_from_slot,
-    "host word per program, 18 programs": functools.partial(graphs.read_from_slot, block=65536),
-    "one program fetches the word, then the copy": fetch_then_copy,
+    "host word per program, 288 programs (session 17)": per_program_read,
+    "host word per program, 18 programs": functools.partial(per_program_read, block=65536),
+    "one program fetches the word, then the copy (graphs.read_from_slot)": graphs.read_from_slot,
     "memcpy node fetches the word, then the copy": memcpy_then_copy,
     "no slot: copy_ into the static buffer before the replay": None,
 }
@@ -104,9 +90,9 @@ def slot_section(rounds: int) -> dict:
         if read is None:
             skinny.available = lambda: False  # GraphedForward's test for the slot (read at construction only)
         else:
-            def marked_read(slot, dst, done, read=read, first=m[0]):
+            def marked_read(slot, dst, done, word, read=read, first=m[0]):
                 first.record()  # the graph's first node
-                read(slot, dst, done)
+                read(slot, dst, done, word)
             graphs.read_from_slot = marked_read
         try:
             with torch.no_grad():
@@ -152,11 +138,13 @@ def slot_section(rounds: int) -> dict:
             row["total_ms"] = round(statistics.median(got[name]["total"]), 4)
             row["total_p10_p90_ms"] = [round(summarize(got[name]["total"], 3, "cuda_event").p10_ms, 4),
                                        round(summarize(got[name]["total"], 3, "cuda_event").p90_ms, 4)]
-            row["equal_to_committed"] = bool(torch.equal(logits, ref))
+            # The forward is not bitwise repeatable (fp32 atomics for the rows' sums of squares): a relative
+            # difference to the first form's logits, not equality (session 18's file has `equal_to_committed`).
+            row["rel_diff_to_first"] = round(float((logits - ref).norm() / ref.norm()), 5)
             out[name] = row
             print(f"{name:<58} total {row['total_ms']:.4f} ms  to first node {row['to_first_node']:6.1f} us  "
                   f"read {row['read']:6.1f} us  forward {row['forward']:8.1f} us  after {row['after_forward']:5.1f} us"
-                  f"  host {row['host_call']:5.1f} us  equal {row['equal_to_committed']}", flush=True)
+                  f"  host {row['host_call']:5.1f} us  rel diff {row['rel_diff_to_first']}", flush=True)
     return {"us_medians_except_total_ms": out}
 
 

@@ -325,6 +325,27 @@ def test_tiled_weights_give_the_same_bits():
         skinny.gate_up(x_ln, skinny.tile(wg, gate_up), wu, gate_up)
 
 
+def test_lm_head_runs_as_a_skinny_linear_after_the_skinny_step():
+    """With the skinny step chosen (Hopper), a few rows' logits come from skinny.linear on the lm_head's weight:
+    the reference's within bf16 rounding; with autograd on, the module itself runs."""
+    if not skinny.pdl_supported(torch.device("cuda")):
+        pytest.skip("the skinny step is chosen where programmatic dependent launch runs (Hopper and later)")
+    torch.manual_seed(0)
+    text = tiny_text_config(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
+                            num_key_value_heads=4, vocab_size=1024)
+    model = SaisaForConditionalGeneration(tiny_config("saisa", text=text)).to("cuda", torch.bfloat16).eval()
+    head = model.language_model.lm_head
+    hidden = torch.randn(1, 3, 256, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref = head(hidden)
+        model.optimize_for_inference(compile=True)
+        assert model._fused.step == "skinny"
+        got = model._lm_head(hidden)
+        assert torch.equal(got, skinny.linear(hidden, head.weight, skinny.RESIDUAL))
+        assert _rel(got, ref) < 1e-2
+    assert torch.equal(model._lm_head(hidden), ref), "with autograd on, the module runs"
+
+
 def test_linear_residual_and_the_deferred_norm_match_aten():
     """skinny.linear_residual's epilogue (residual add, the rows times the next norm's weight, a copy into strided
     rows, partial sums of squares) and skinny.gate_up dividing by the RMS from those sums equal the reference:

@@ -499,7 +499,19 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
     ) -> torch.Tensor:
         """Logits (B, L or logits_to_keep, vocab) for a precomputed layout: no host synchronisation inside."""
         hidden = self.hidden_states_with_layout(input_ids, layout, image_features, cache, logits_to_keep)
-        return self.language_model.lm_head(hidden)
+        return self._lm_head(hidden)
+
+    def _lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The lm_head; after optimize_for_inference chose the skinny step, as skinny.linear wherever it serves the
+        rows without autograd (at most skinny.MAX_ROWS, e.g. a prefill's last position: Vicuna-7B's 262 MB head
+        in 90.9 against 97.8 us for cuBLAS's kernel on an H100, benchmarks/results/tiled-weights-h100.json), a
+        programmatic dependent launch with the step's pdl."""
+        head, fused = self.language_model.lm_head, self._fused
+        if (fused is not None and fused.step == "skinny" and not torch.is_grad_enabled() and type(head) is nn.Linear
+                and head.bias is None and skinny.supported(hidden, head.weight, tiles=skinny.RESIDUAL)):
+            tiles = skinny.RESIDUAL._replace(prefetch=skinny.PREFETCH if fused.pdl else 0)
+            return skinny.linear(hidden, head.weight, tiles, pdl=fused.pdl)
+        return head(hidden)
 
     def hidden_states_with_layout(
         self,
