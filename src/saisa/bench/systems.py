@@ -581,7 +581,9 @@ def make_systems(setting: Setting, device: torch.device, wanted: tuple[str, ...]
                     "saisa.model.graphs.GraphedForward after optimize_for_inference(); keeps no KV cache"
                     + (f"; attention={model._fused.attention if model._fused else saisa_attention} "
                        f"(fused.ATTENTION), step={model._fused.step if model._fused else None}, "
-                       f"pdl={model._fused.pdl if model._fused else None}; prefill schedule: {schedule} "
+                       f"pdl={model._fused.pdl if model._fused else None}, "
+                       f"tiled weights={model._fused.skinny_layers is not None if model._fused else None}; "
+                       f"prefill schedule: {schedule} "
                        "(SAISA_SCHEDULES; each entry records its own)" if saisa else ""))
     keep = {n: sys for n, sys in systems.items() if n in wanted or n == "hf_llava_compile"}
     return keep, {n: why for n, why in skipped.items() if n in wanted}, hf, ours
