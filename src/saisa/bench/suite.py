@@ -401,6 +401,10 @@ def run_suite(
     results["checks"] = _checks(suite.logits)
     suite.logits.clear()
     if "train" in sections:
+        # The inference systems' own memory (the fast path's folded and tiled weights, graph pools) goes first: with
+        # saisa's tiled copies kept, llava's stage-1 step ran out of memory on an 80 GB H100 (session 18).
+        suite.systems.clear()
+        free_memory(device)
         # Stage 1 at the inference shape: LLM frozen, projector trained (saisa: one shared MLP, paper Sec. 4.3).
         stage1 = {"saisa": build_ours(setting, "saisa", device, donor=ours["saisa"], projector_sharing="shared"),
                   "llava": ours["llava"]}
@@ -409,7 +413,6 @@ def run_suite(
             for method in methods:
                 suite.train(1, arch, model, setting.text_config, method)
         del stage1
-        suite.systems.clear()
         hf = ours = None
         free_memory(device)
         # Stage 2 at the training shape: everything but the vision tower trained.
