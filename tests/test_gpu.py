@@ -281,9 +281,6 @@ def test_text_attention_matches_the_reference(b, t, sv, hq, hkv, d, text_first):
         assert torch.isfinite(out).all(), setting
         assert _rel(out, ref) < 1e-2, setting
     assert _rel(torch.ops.saisa.text_attention(q, kv, cos, sin, bias, d, True), ref) < 1e-2
-    # kv_dead: the merge drops kv's L2 lines unwritten; the result is the same, bit for bit
-    base = text_attention.text_attention(q, kv, cos, sin, bias, d, split=3)
-    assert torch.equal(text_attention.text_attention(q, kv.clone(), cos, sin, bias, d, split=3, kv_dead=True), base)
     with pytest.raises(ValueError, match="block_m"):
         text_attention.text_attention(q, kv, cos, sin, bias, d, block_m=24)
 
@@ -371,8 +368,31 @@ def test_linear_residual_and_the_deferred_norm_match_aten():
     assert _rel(got, expect) < 1e-2
     last, none, _ = skinny.linear_residual(x, w, residual)
     assert none is None and torch.equal(last, out)
+    # dead: the programs drop a dead tensor's whole L2 lines first; the result is the same, bit for bit, and the
+    # partial line it shares with a live neighbour keeps the neighbour's data
+    buf = torch.randn(4096, device="cuda", dtype=torch.bfloat16)
+    start = next(o for o in range(64) if buf[o:].data_ptr() % 128 == 0)
+    keep = buf[start + 650:].clone()
+    for pdl in (False, skinny.pdl_supported(x.device)):
+        got, _, _ = skinny.linear_residual(x, w, residual, ln, tiles=skinny.RESIDUAL, pdl=pdl,
+                                           dead=buf[start:start + 650])
+        assert torch.equal(got, out), pdl
+        assert torch.equal(buf[start + 650:], keep), "the neighbour keeps its data"
+    with pytest.raises(ValueError, match="16-bit"):
+        skinny.linear_residual(x, w, residual, dead=buf.float())
     with pytest.raises(ValueError, match="sums of squares"):
         skinny.gate_up(x_ln, wg, wu, skinny.GATE_UP, ss=ss[:-1], eps=eps)
+
+
+def test_merges_says_whether_a_merge_kernel_follows_the_spans():
+    """fused.skinny_layer_step lets o_proj drop kv early only when a merge kernel runs between it and the span
+    kernel (kv's last reader): text_attention.merges must say so exactly when the keys are split into spans."""
+    def qkv(b, t, s, hq, d=32):
+        return (torch.empty(b, t, hq * d, device="cuda", dtype=torch.bfloat16),
+                torch.empty(b, s, 2 * hq * d, device="cuda", dtype=torch.bfloat16))
+    assert text_attention.merges(*qkv(1, 64, 640, 32), 32)  # t=64 at 7B: 5 spans
+    assert not text_attention.merges(*qkv(1, 8, 640, 1024), 32)  # a program per (head, query block) fills the GPU
+    assert not text_attention.merges(*qkv(1, 8, 64, 4), 32)  # the keys fit one span
 
 
 @pytest.mark.parametrize("b,t,sv", [(1, 64, 576), (2, 37, 100)])

@@ -608,9 +608,9 @@ def test_tiled_weights_hold_each_programs_blocks_in_turn():
 
 
 def test_only_whole_lines_of_a_dead_tensor_are_discarded():
-    """text_attention's kv_dead drops whole 128-byte L2 lines only: none of a tensor that does not start on a line
-    or is not contiguous (a line shared with a live neighbour must keep its data)."""
-    from saisa.model.text_attention import _whole_lines
+    """skinny.linear_residual's `dead` drops whole 128-byte L2 lines only: none of a tensor that does not start on
+    a line or is not contiguous (a line shared with a live neighbour must keep its data)."""
+    from saisa.model.skinny import whole_lines as _whole_lines
 
     buf = torch.empty(4096, dtype=torch.bfloat16)
     start = next(o for o in range(64) if buf[o:].data_ptr() % 128 == 0)

@@ -207,7 +207,10 @@ def skinny_layer_step(
     beside: (fork, join), called after q_proj's launch and after the k/v GEMM's: work for a side stream that runs
     beside the k/v GEMM and that attention waits for (modeling's rows' 1 / RMS).
 
-    The k/v GEMM's output is a temporary: attention drops it from L2 unwritten (text_attention's kv_dead).
+    The k/v GEMM's output is a temporary: o_proj's programs drop it from L2 unwritten (skinny.linear_residual's
+    `dead`) while the attention merge, the kernel before them, still runs. The merge itself did that in sessions
+    17-18 (o_proj 15.4 against 18.7 us a layer without, at t=64 on an H100; benchmarks/results/prefill-ab-h100/
+    kv-discard), where its completion, which o_proj waits for, included the discards.
 
     `w`'s q/o_proj, gate/up_proj and down_proj weights may be laid out by skinny.tile (tiled_text_layer): the
     kernels then read each program's blocks as contiguous pieces of memory."""
@@ -220,9 +223,11 @@ def skinny_layer_step(
         beside[1]()
     attn = text_attention.text_attention(q, kv, cos, sin, attn_bias, head_dim, half_table=rope_half,
                                          row_sums=row_sums, row_dim=hidden.shape[-1], eps=eps, pdl=pdl,
-                                         vis_rstd=vis_rstd, kv_bias=kv_bias, kv_dead=True)
+                                         vis_rstd=vis_rstd, kv_bias=kv_bias)
+    # kv's last reader is the span kernel: with a merge kernel after it, o_proj's early programs may drop kv
+    dead = kv if text_attention.merges(q, kv, head_dim) or not pdl else None
     hidden, x_ln, row_sums = skinny.linear_residual(attn, w.wo, hidden, w.ln2, sums=sums[0], tiles=residual,
-                                                    pdl=pdl)
+                                                    pdl=pdl, dead=dead)
     inner = skinny.gate_up(x_ln, w.wg, w.wu, gate_up, ss=row_sums, eps=eps, pdl=pdl)
     return skinny.linear_residual(inner, w.wd, hidden, next_ln1, rows_out=next_rows, sums=sums[1], tiles=residual,
                                   pdl=pdl)

@@ -113,6 +113,23 @@ def kernels():
                                   is_pure=False, pack=1)
 
     @triton.jit
+    def _discard(ptrs, keep):
+        """The 128-byte L2 lines at `ptrs` (where `keep` is not 0) dropped without being written back to HBM (PTX
+        discard.global.L2): their contents become undefined."""
+        tl.inline_asm_elementwise("{\n\t.reg .pred p;\n\tsetp.ne.b32 p, $2, 0;\n\t@p discard.global.L2 [$1], 128;"
+                                  "\n\t}\n\tmov.u32 $0, 0;", "=r,l,r", [ptrs, keep], dtype=tl.int32, is_pure=False,
+                                  pack=1)
+
+    @triton.jit
+    def _discard_share(dead_ptr, lines):
+        """This program's share of the first `lines` 128-byte lines at dead_ptr (16-bit elements) dropped from L2."""
+        pid = tl.program_id(0) + tl.num_programs(0) * (tl.program_id(1) + tl.num_programs(1) * tl.program_id(2))
+        programs = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)
+        for start in range(pid * 128, lines, programs * 128):
+            idx = start + tl.arange(0, 128)
+            _discard(dead_ptr + idx.to(tl.int64) * 64, (idx < lines).to(tl.int32))
+
+    @triton.jit
     def dependent_start():
         """Programmatic dependent launch: wait until the kernel before has finished and its writes are visible,
         then let the kernel after launch (its programs take SMs as ours leave them, and wait in turn)."""
@@ -176,11 +193,13 @@ def kernels():
         tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], h.to(dtype), mask=rows)
 
     @triton.jit
-    def linear_residual_kernel(x_ptr, w_ptr, res_ptr, out_ptr, rows_ptr, ln_ptr, xln_ptr, ss_ptr, M, K, T,
-                               stride_xm, stride_wn, stride_rb, stride_rt, stride_ob, stride_ot, stride_wb, stride_wt,
-                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    def linear_residual_kernel(x_ptr, w_ptr, res_ptr, out_ptr, rows_ptr, ln_ptr, xln_ptr, ss_ptr, dead_ptr, M, K, T,
+                               dead_lines, stride_xm, stride_wn, stride_rb, stride_rt, stride_ob, stride_ot, stride_wb,
+                               stride_wt, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                                ROWS: tl.constexpr, LN: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
-                               TILED: tl.constexpr):
+                               TILED: tl.constexpr, DEAD: tl.constexpr):
+        if DEAD:  # before the wait: the dead tensor's last reader finished before the kernel before us started
+            _discard_share(dead_ptr, dead_lines)
         if PDL:
             if PREFETCH > 0:
                 _prefetch_rows(w_ptr, 0, stride_wn, BLOCK_N, PREFETCH, TILED)
@@ -322,6 +341,14 @@ def _launch(tiles: Tiles, x: torch.Tensor, pdl: bool) -> dict:
             "PREFETCH": tiles.prefetch if pdl else 0, "launch_pdl": pdl}
 
 
+def whole_lines(x: torch.Tensor) -> int:
+    """How many 128-byte lines from x's start lie wholly inside it (0 unless it is contiguous and starts on a line:
+    a line shared with another tensor must never be discarded)."""
+    if not x.is_contiguous() or x.data_ptr() % 128:
+        return 0
+    return x.numel() * x.element_size() // 128
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1])
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
@@ -396,12 +423,17 @@ def linear_residual(
     sums: torch.Tensor | None = None,  # (B*T,) fp32 zeros to add the sums of squares into
     tiles: Tiles = DEFAULT,
     pdl: bool = False,
+    dead: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """h = residual + x w^T, rounded as the reference rounds (product, then sum), and what the next RMSNorm needs
     without a kernel of its own: (h (B, T, N), h * ln (B, T, N) or None, the sums of h^2 per row (B*T,) fp32).
     The consumer (gate_up, text_attention) divides by the RMS they give. Each program adds its block of columns'
     share to `sums` (zeros; None: allocated here) by fp32 atomics, so their last bits depend on the order the
     programs finish in. `rows_out`: h is also written there (the next layer's k/v input rows). pdl: as `linear`'s.
+    dead: a 16-bit temporary no one reads again, whose last reader ran before the kernel before this one (with pdl
+    our programs start while that kernel runs, never before it started): the programs first drop its whole
+    128-byte L2 lines unwritten (PTX discard.global.L2; its contents become undefined), so HBM does not take them
+    as writes while the weights stream in. The caller keeps `dead` allocated until this call has returned.
     Check `supported` first."""
     triton, kernel = kernels().triton, kernels().linear_residual
     b, t, k = x.shape
@@ -423,12 +455,17 @@ def linear_residual(
     check_sums(sums, m)
     ss = sums
     dest = rows_out if rows_out is not None else out
+    if dead is not None and dead.element_size() != 2:
+        raise ValueError(f"linear_residual: dead must be a 16-bit tensor, got {dead.dtype}")
+    dead_lines = 0 if dead is None else whole_lines(dead)
     kernel[(n // tiles.block_n,)](
-        x2, w, residual, out, dest, out if ln is None else ln, out if xln is None else xln, ss, m, k, t,
+        x2, w, residual, out, dest, out if ln is None else ln, out if xln is None else xln, ss,
+        dead if dead_lines else out, m, k, t, dead_lines,
         x2.stride(0), wa["stride"], residual.stride(0), residual.stride(1), out.stride(0), out.stride(1),
         dest.stride(0), dest.stride(1),
         BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
-        ROWS=rows_out is not None, LN=ln is not None, TILED=wa["TILED"], **_launch(tiles, x, pdl),
+        ROWS=rows_out is not None, LN=ln is not None, TILED=wa["TILED"], DEAD=dead_lines > 0,
+        **_launch(tiles, x, pdl),
     )
     return out, xln, ss
 

@@ -4,9 +4,7 @@ Unusual here: at batch 1 the text queries are few (t=64) and the keys many (576 
 per query head would leave most of an H100's 132 SMs idle and walk the keys serially. Each program takes one span of
 the keys instead (split-K over keys, as flash-decoding does), rotates its queries and keys with RoPE as they are
 loaded (the k/v GEMM's output is read unrotated, in place), and keeps an online softmax; a second kernel merges the
-spans by their log-sum-exp and writes (B, T, Hq * D), o_proj's input layout. Once the spans are read, the merge can
-also drop the k/v GEMM's output from L2 without writing it back (`kv_dead`): 10.5 MB of dirty lines per layer at
-t=64 that HBM would otherwise write while o_proj streams its weights in. This replaces the six kernels of
+spans by their log-sum-exp and writes (B, T, Hq * D), o_proj's input layout. This replaces the six kernels of
 `fused.attend(kind="eager")` plus the two RoPEs and the transpose. With `row_sums` the text rows' q and k/v come
 from rows not yet divided by their RMS (fused.skinny_layer_step), and the division is done here, per query row and
 per text key. Triton is imported lazily; `supported` says where the kernels run (CUDA, Triton (skinny.available),
@@ -141,19 +139,9 @@ def _triton():
             tl.store(ml_ptr + 2 * slot + t_pad + offs_m, l_i)
 
     @triton.jit
-    def _discard(ptrs, keep):
-        """The 128-byte L2 lines at `ptrs` (where `keep` is not 0) dropped without being written back to HBM (PTX
-        discard.global.L2): their contents become undefined."""
-        tl.inline_asm_elementwise("{\n\t.reg .pred p;\n\tsetp.ne.b32 p, $2, 0;\n\t@p discard.global.L2 [$1], 128;"
-                                  "\n\t}\n\tmov.u32 $0, 0;", "=r,l,r", [ptrs, keep], dtype=tl.int32, is_pure=False,
-                                  pack=1)
-
-    @triton.jit
-    def merge_kernel(o_ptr, acc_ptr, ml_ptr, kv_ptr, kv_lines, T, t_pad, stride_ob, stride_ot,
-                     D: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, PDL: tl.constexpr,
-                     DISCARD: tl.constexpr):
-        """The SPLIT spans of one (batch, head, block of query rows) merged by their log-sum-exp (log2 domain).
-        DISCARD: this program's share of the kv_lines 128-byte lines of kv (16-bit) dropped from L2 unwritten."""
+    def merge_kernel(o_ptr, acc_ptr, ml_ptr, T, t_pad, stride_ob, stride_ot,
+                     D: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, PDL: tl.constexpr):
+        """The SPLIT spans of one (batch, head, block of query rows) merged by their log-sum-exp (log2 domain)."""
         if PDL:
             dependent_start()
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -177,12 +165,6 @@ def _triton():
         out = acc / tl.where(l_all == 0.0, 1.0, l_all)[:, None]
         o = o_ptr + b * stride_ob + offs_m[:, None] * stride_ot + head * D + tl.arange(0, D)[None, :]
         tl.store(o, out.to(o_ptr.dtype.element_ty), mask=rows[:, None])
-        if DISCARD:  # after dependent_start / in stream order: the span kernel, kv's last reader, is done
-            pid = tl.program_id(0) + tl.num_programs(0) * (tl.program_id(1) + tl.num_programs(1) * tl.program_id(2))
-            programs = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)
-            for start in range(pid * 128, kv_lines, programs * 128):
-                idx = start + tl.arange(0, 128)
-                _discard(kv_ptr + idx.to(tl.int64) * 64, (idx < kv_lines).to(tl.int32))
 
     return triton, span_kernel, merge_kernel
 
@@ -199,6 +181,29 @@ def supported(q: torch.Tensor, kv: torch.Tensor, head_dim: int) -> bool:
 @functools.cache
 def _multiprocessors(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _spans(q: torch.Tensor, kv: torch.Tensor, head_dim: int, split: int | None, block_n: int, block_m: int | None
+           ) -> tuple[int, int, int]:
+    """text_attention's (block_m, key spans, keys per span) for these shapes (its arguments of those names)."""
+    b, t, qd = q.shape
+    s = kv.shape[1]
+    if block_m is None:
+        block_m = min(64, max(16, 1 << max(t - 1, 0).bit_length()))
+    elif block_m < 16 or block_m & (block_m - 1):
+        raise ValueError(f"text_attention: block_m must be a power of two >= 16, got {block_m}")
+    q_blocks = -(-t // block_m)
+    key_blocks = -(-s // block_n)
+    if split is None:
+        split = -(-_multiprocessors(q.device.index or 0) // (b * (qd // head_dim) * q_blocks))
+    span = -(-key_blocks // max(1, min(split, key_blocks))) * block_n
+    return block_m, -(-s // span), span
+
+
+def merges(q: torch.Tensor, kv: torch.Tensor, head_dim: int) -> bool:
+    """Whether `text_attention` with its default spans runs a merge kernel after its span kernel (more than one key
+    span): then the span kernel, the last to read kv, is not the kernel just before the next one."""
+    return _spans(q, kv, head_dim, None, 64, None)[1] > 1
 
 
 def text_attention(
@@ -221,7 +226,6 @@ def text_attention(
     vis_rstd: torch.Tensor | None = None,
     kv_bias: torch.Tensor | None = None,
     block_m: int | None = None,
-    kv_dead: bool = False,
 ) -> torch.Tensor:
     """softmax(rope(q) rope(k)^T * scale + bias) v for every query head -> (B, T, Hq * D) (check `supported`
     first). half_table: cos/sin repeat their first half (transformers' RoPE), so only it is read. split: key
@@ -233,9 +237,7 @@ def text_attention(
     for its writes before reading anything. vis_rstd (B, S - T) fp32, kv_bias (2 * Hkv * D,) fp32: the first S - T
     (visual) rows of kv were projected from rows before their bias b and their norm's division
     (fused.visual_rows_chunk): kv_bias (= W_kv b) is added to those rows and each is multiplied by its vis_rstd here,
-    so no normalised copy of the visual rows is written. kv_dead: kv is a temporary no one reads after this call:
-    with key spans merged, the merge kernel drops its L2 lines unwritten (its contents become undefined), so HBM
-    does not take them as writes while the next GEMM streams its weights in (fused.skinny_layer_step)."""
+    so no normalised copy of the visual rows is written."""
     b, t, qd = q.shape
     s = kv.shape[1]
     hkv = kv.shape[-1] // (2 * head_dim)
@@ -266,16 +268,8 @@ def text_attention(
                                 or not kv_bias.is_contiguous()):
         raise ValueError(f"text_attention: kv_bias must be a contiguous fp32 ({kv.shape[-1]},) tensor (keys' bias, "
                          f"then values'), got {kv_bias.dtype} {tuple(kv_bias.shape)}")
-    if block_m is None:
-        block_m = min(64, max(16, triton.next_power_of_2(t)))
-    elif block_m < 16 or block_m & (block_m - 1):
-        raise ValueError(f"text_attention: block_m must be a power of two >= 16, got {block_m}")
+    block_m, split, span = _spans(q, kv, head_dim, split, block_n, block_m)
     q_blocks = triton.cdiv(t, block_m)
-    key_blocks = triton.cdiv(s, block_n)
-    if split is None:
-        split = triton.cdiv(_multiprocessors(q.device.index or 0), b * hq * q_blocks)
-    span = triton.cdiv(key_blocks, max(1, min(split, key_blocks))) * block_n
-    split = triton.cdiv(s, span)
     out = q.new_empty(b, t, qd)
     t_pad = q_blocks * block_m
     if split > 1:
@@ -295,20 +289,11 @@ def text_attention(
     )
     if split > 1:
         merge_block = 16
-        kv_lines = _whole_lines(kv) if kv_dead else 0
         merge_kernel[(triton.cdiv(t, merge_block), hq, b)](
-            out, acc, ml, kv, kv_lines, t, t_pad, out.stride(0), out.stride(1), D=head_dim, SPLIT=split,
-            BLOCK_M=merge_block, PDL=pdl, DISCARD=kv_lines > 0, num_warps=4, launch_pdl=pdl,
+            out, acc, ml, t, t_pad, out.stride(0), out.stride(1), D=head_dim, SPLIT=split,
+            BLOCK_M=merge_block, PDL=pdl, num_warps=4, launch_pdl=pdl,
         )
     return out
-
-
-def _whole_lines(x: torch.Tensor) -> int:
-    """How many 128-byte lines from x's start lie wholly inside it (0 unless it is contiguous and starts on a line:
-    a line shared with another tensor must never be discarded)."""
-    if not x.is_contiguous() or x.data_ptr() % 128:
-        return 0
-    return x.numel() * x.element_size() // 128
 
 
 def halves_equal(cos: torch.Tensor, sin: torch.Tensor) -> bool:
