@@ -430,10 +430,11 @@ def linear_residual(
     The consumer (gate_up, text_attention) divides by the RMS they give. Each program adds its block of columns'
     share to `sums` (zeros; None: allocated here) by fp32 atomics, so their last bits depend on the order the
     programs finish in. `rows_out`: h is also written there (the next layer's k/v input rows). pdl: as `linear`'s.
-    dead: a 16-bit temporary no one reads again, whose last reader ran before the kernel before this one (with pdl
-    our programs start while that kernel runs, never before it started): the programs first drop its whole
-    128-byte L2 lines unwritten (PTX discard.global.L2; its contents become undefined), so HBM does not take them
-    as writes while the weights stream in. The caller keeps `dead` allocated until this call has returned.
+    dead: a 16-bit temporary no one reads again, whose last reader is a kernel before the one just before this
+    (with pdl our programs start, before they wait, only once every program of that kernel has waited for the
+    kernels before it, so those have finished): the programs first drop its whole 128-byte L2 lines unwritten (PTX
+    discard.global.L2; its contents become undefined), so HBM does not take them as writes while the weights
+    stream in. Kernels after this one may reuse its memory: they wait for this one.
     Check `supported` first."""
     triton, kernel = kernels().triton, kernels().linear_residual
     b, t, k = x.shape
