@@ -4,9 +4,9 @@ Unusual here: the t=64 prefill's visual path runs all 32 layers' linear_1 as one
 one compiled bias + GELU pass over that output (about 120 us: 302 MB through HBM), then linear_2's bmm
 (projector-w1-gelu-h100.json, prefill-ab-h100/third). Here linear_1 runs in chunks of k layers, each followed at
 once by its bias + GELU in place (a chunk of 4 layers' output is 18.9 MB, so it may still be in the 50 MB L2), then
-linear_2 over all layers as before. Each variant is captured as a CUDA graph; the medians of interleaved rounds
-of replays (CUDA events) are reported for linear_1 + GELU alone and with linear_2, with the largest difference of
-each variant's linear_2 output from the committed path's.
+linear_2 over all layers as before. Each variant is captured as a CUDA graph and timed in interleaved rounds
+(profile_prefill.interleaved: the median of the rounds' medians), linear_1 + GELU alone and with linear_2, with the
+largest difference of each variant's output from the committed path's.
 
     PYTHONPATH=src python3 scripts/probe_gelu_l2.py --out $OUT/gelu-l2.json
 """
@@ -16,16 +16,18 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import statistics
+import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).parent))
+from probe_w2_gap import C, H, V, projector_tensors
+from profile_prefill import interleaved
+
 from saisa.model.fused import projector_hidden
 from saisa.model.graphs import capture_graph, preferred_blas
-
-C, V, D, H = 32, 576, 1024, 4096  # layers, visual tokens, CLIP width, LLM width
 
 
 @torch.compile(dynamic=False)
@@ -41,11 +43,7 @@ def main() -> None:
     ap.add_argument("--chunks", default="2,4,8")
     args = ap.parse_args()
     dev, dt = torch.device("cuda"), torch.bfloat16
-    g = torch.Generator(device=dev).manual_seed(0)
-    z = torch.randn(1, V, D, device=dev, dtype=dt, generator=g)
-    w1 = torch.randn(C, H, D, device=dev, dtype=dt, generator=g) * D ** -0.5
-    b1 = torch.randn(C, H, device=dev, dtype=dt, generator=g) * 0.02
-    w2 = torch.randn(C, H, H, device=dev, dtype=dt, generator=g) * H ** -0.5
+    z, w1, b1, w2 = projector_tensors(dev)
     hidden = torch.compile(functools.partial(projector_hidden, gelu="exact"), dynamic=False)
     a = torch.empty(C, V, H, device=dev, dtype=dt)
     rows = torch.empty(C, V, H, device=dev, dtype=dt)
@@ -76,23 +74,13 @@ def main() -> None:
                 torch.cuda.synchronize()
                 outs[key] = (rows if w2_too else out).clone()
     ref = {False: outs["committed"], True: outs["committed, then linear_2"]}
-    times: dict[str, list[float]] = {k: [] for k in graphs}
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    for _ in range(args.rounds):
-        for key, graph in graphs.items():
-            for i in range(13):
-                torch.cuda.synchronize()
-                start.record()
-                graph.replay()
-                end.record()
-                torch.cuda.synchronize()
-                if i >= 3:
-                    times[key].append(start.elapsed_time(end) * 1e3)
-    res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "us": {}, "max_abs_diff": {}}
-    for key, ts in times.items():
-        res["us"][key] = round(statistics.median(ts), 1)
-        r = ref[key.endswith("linear_2")]
-        res["max_abs_diff"][key] = float((outs[key].float() - r.float()).abs().max())
+    timed = interleaved({k: (lambda i=0, g=graph: g.replay()) for k, graph in graphs.items()}, dev, args.rounds, 10)
+    res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "us": {}, "round_us": {},
+                 "max_abs_diff": {}}
+    for key, row in timed.items():
+        res["us"][key] = round(row["ms"] * 1e3, 1)
+        res["round_us"][key] = [round(x * 1e3, 1) for x in row["round_ms"]]
+        res["max_abs_diff"][key] = float((outs[key].float() - ref[key.endswith("linear_2")].float()).abs().max())
         print(f"{key:<34} {res['us'][key]:8.1f} us  max |diff| {res['max_abs_diff'][key]:.3g}", flush=True)
     Path(args.out).write_text(json.dumps(res, indent=1))
 

@@ -153,6 +153,18 @@ def prefill(args) -> None:
     Path(args.out).write_text(json.dumps(results, indent=1))
 
 
+def projector_tensors(dev) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random Vicuna-7B-shaped per-layer projector inputs (seed 0): features (1, V, D), W1 (C, H, D), b1 (C, H),
+    W2 (C, H, H), bf16."""
+    dt = torch.bfloat16
+    g = torch.Generator(device=dev).manual_seed(0)
+    features = torch.randn(1, V, D, device=dev, dtype=dt, generator=g)
+    w1 = torch.randn(C, H, D, device=dev, dtype=dt, generator=g) * D ** -0.5
+    b1 = torch.randn(C, H, device=dev, dtype=dt, generator=g) * 0.02
+    w2 = torch.randn(C, H, H, device=dev, dtype=dt, generator=g) * H ** -0.5
+    return features, w1, b1, w2
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -162,12 +174,8 @@ def main() -> None:
     if args.prefill:
         prefill(args)
         return
-    dev, dt = torch.device("cuda"), torch.bfloat16
-    g = torch.Generator(device=dev).manual_seed(0)
-    features = torch.randn(1, V, D, device=dev, dtype=dt, generator=g)
-    w1 = torch.randn(C, H, D, device=dev, dtype=dt, generator=g) * D ** -0.5
-    b1 = torch.randn(C, H, device=dev, dtype=dt, generator=g) * 0.02
-    w2 = torch.randn(C, H, H, device=dev, dtype=dt, generator=g) * H ** -0.5
+    dev = torch.device("cuda")
+    features, w1, b1, w2 = projector_tensors(dev)
     variants = {f"{blas} {layout}": (blas, layout) for blas in ("cublaslt", "cublas")
                 for layout in ("strided", "contiguous", "w2-only", "per-layer")}
     graphs = {name: build(*kw, features, w1, b1, w2) for name, kw in variants.items()}

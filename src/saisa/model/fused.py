@@ -208,9 +208,10 @@ def skinny_layer_step(
     beside the k/v GEMM and that attention waits for (modeling's rows' 1 / RMS).
 
     The k/v GEMM's output is a temporary: o_proj's programs drop it from L2 unwritten (skinny.linear_residual's
-    `dead`) while the attention merge, the kernel before them, still runs. The merge itself did that in sessions
-    17-18 (o_proj 15.4 against 18.7 us a layer without, at t=64 on an H100; benchmarks/results/prefill-ab-h100/
-    kv-discard), where its completion, which o_proj waits for, included the discards.
+    `dead`) while the attention merge, the kernel before them, still runs. In sessions 17-18 the merge did that
+    (8.125 against 8.157 ms for the whole t=64 prefill on an H100 without dropping; benchmarks/results/
+    prefill-ab-h100/kv-discard), and its completion, which o_proj waits for, included the discards (8.018
+    against 8.045 ms since the move, prefill-ab-h100/discard-in-o-proj).
 
     `w`'s q/o_proj, gate/up_proj and down_proj weights may be laid out by skinny.tile (tiled_text_layer): the
     kernels then read each program's blocks as contiguous pieces of memory."""
